@@ -1,0 +1,145 @@
+"""PaliGemma from the command line.
+
+  python main.py --ckpt=pt_224.npz --tokenizer=paligemma_tokenizer.model \
+      --image=cat.jpg --prompt="caption en" --max_decode_len=32 --output_json=out.json
+
+With no --ckpt it runs the embedded default: a tiny model with random weights.
+"""
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
+    "Model/runtime settings (ml_collections); override fields with --config.NAME=VALUE.")
+_CKPT = flags.DEFINE_string("ckpt", None, "big_vision PaliGemma .npz; none = embedded tiny demo.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "sentencepiece model (paligemma_tokenizer.model).")
+_IMAGE = flags.DEFINE_string("image", None, "Image file; default: the demo image in assets/.")
+_PROMPT = flags.DEFINE_string("prompt", "caption en", "Prompt (prefix), e.g. 'caption en', 'detect cat'.")
+_MAX_LEN = flags.DEFINE_integer("max_decode_len", 32, "Most tokens to generate.")
+_SAMPLER = flags.DEFINE_string("sampler", "greedy",
+                               "greedy | temperature(t) | topk(k, t) | nucleus(p, t)")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_ANSWER_START = flags.DEFINE_string("answer_start", None, "Forced start of the answer.")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write prompt, text, tokens, timing here.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
+                                  "For detect/segment: write annotated.png, masks and objects.json.")
+_VAE_CKPT = flags.DEFINE_string("vae_ckpt", None, "vae-oid.npz, to decode segmentation masks.")
+_ANSWER = flags.DEFINE_string("answer", None,
+                              "Render this answer string (from elsewhere) without loading a model.")
+
+
+def _fail(msg):
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _setup_jax(cfg):
+  import jax
+  if cfg.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _pipeline(cfg):
+  """-> (pipeline, note). Loads the checkpoint, or builds the embedded default."""
+  from paligemma_jax import checkpoint, demo, paligemma
+  from paligemma_jax.pipeline import PaliGemmaPipeline, as_dtype
+  from paligemma_jax.tokenizer import Tokenizer
+  kw = dict(dtype=cfg.dtype, cache_dtype=cfg.cache_dtype, prompt_bucket=cfg.prompt_bucket)
+  if _CKPT.value:
+    if not _TOKENIZER.value:
+      _fail("--ckpt needs --tokenizer=PATH (paligemma_tokenizer.model)")
+    overrides = {k: v for k, v in cfg.model.items() if v is not None}
+    try:
+      return PaliGemmaPipeline.from_files(_CKPT.value, _TOKENIZER.value, overrides=overrides, **kw), None
+    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+      _fail(str(e))
+  import jax
+  t0 = time.perf_counter()
+  config = demo.demo_config()
+  params = jax.tree_util.tree_map(lambda x: x.astype(as_dtype(cfg.dtype)),
+                                  paligemma.init_params(config, seed=0))
+  jax.block_until_ready(params)
+  cache_dir = os.path.expanduser("~/.cache/paligemma_jax/demo")
+  tokenizer = Tokenizer(_TOKENIZER.value or demo.demo_tokenizer(cache_dir))
+  pipe = PaliGemmaPipeline(config, params, tokenizer, load_s=time.perf_counter() - t0, **kw)
+  return pipe, ("embedded default: a tiny PaliGemma-2-like model with RANDOM weights; "
+                "its answer is noise. Pass --ckpt and --tokenizer for a real model.")
+
+
+def _write_task_outputs(text, prompt, img, vae_ckpt, output_dir):
+  from paligemma_jax import outputs, vqvae
+  if outputs.task_of(prompt) is None:
+    return None
+  vae_params = vqvae.load_vae(vae_ckpt) if vae_ckpt else None
+  written = outputs.write_task_outputs(text, prompt, img, output_dir, vae_params=vae_params)
+  if written.get("error"):
+    print(f"warning: {written['error']}", file=sys.stderr)
+  print(f"wrote {written['annotated_png']} and {os.path.join(output_dir, 'objects.json')}")
+  return written
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  from paligemma_jax import demo
+  from paligemma_jax.image import ImageError, load_image
+  image_path = _IMAGE.value or demo.DEMO_IMAGE
+  try:
+    img = load_image(image_path)
+  except ImageError as e:
+    _fail(str(e))
+
+  if _ANSWER.value is not None:  # render only, no model
+    if not _OUTPUT_DIR.value:
+      _fail("--answer needs --output_dir=DIR")
+    prompt = _PROMPT.value if _PROMPT.value != "caption en" else "detect"
+    if "<seg" in _ANSWER.value:
+      prompt = "segment"
+    _write_task_outputs(_ANSWER.value, prompt, img, _VAE_CKPT.value, _OUTPUT_DIR.value)
+    return
+
+  _setup_jax(cfg)
+  from paligemma_jax import decode
+  try:
+    decode.parse_sampler(_SAMPLER.value)
+  except ValueError as e:
+    _fail(str(e))
+  pipe, note = _pipeline(cfg)
+  if note:
+    print(f"note: {note}")
+  try:
+    [result] = pipe.generate([img], [_PROMPT.value], max_decode_len=_MAX_LEN.value,
+                             sampler=_SAMPLER.value, seed=_SEED.value,
+                             answer_start=_ANSWER_START.value)
+  except ValueError as e:
+    _fail(str(e))
+  t = result.timing
+  print(result.text)
+  rate = t["generated_tokens"] / t["decode_s"] if t["decode_s"] > 0 else float("nan")
+  print(f"timing: load {t['load_s']:.3f}s  compile {t['compile_s']:.3f}s  prefill "
+        f"{t['prefill_s'] * 1e3:.1f}ms  decode {t['decode_s'] * 1e3:.1f}ms for "
+        f"{t['generated_tokens']} tokens ({rate:.1f} tokens/s)")
+  record = dict(prompt=result.prompt, text=result.text, tokens=result.tokens,
+                logprobs=result.logprobs, timing=t, image=image_path,
+                ckpt=_CKPT.value, random_weights=note is not None)
+  if _OUTPUT_DIR.value:
+    written = _write_task_outputs(result.text, result.prompt, img, _VAE_CKPT.value, _OUTPUT_DIR.value)
+    if written:
+      record["objects"] = written.get("objects")
+  if _OUTPUT_JSON.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT_JSON.value)), exist_ok=True)
+    tmp = _OUTPUT_JSON.value + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(record, f, indent=2)
+    os.replace(tmp, _OUTPUT_JSON.value)
+    print(f"wrote {_OUTPUT_JSON.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,180 @@
+"""Prefill + one `jax.lax.while_loop` decode over a preallocated KV cache.
+
+Rows of a batch are right-padded prompts. The prefill writes image + prompt
+into cache slots [0, P); generated token i of every row goes to slot P + i, so
+the rows share one write index while each row keeps its own positions and a
+validity mask over slots: padding is never attended. No host sync per token.
+"""
+import dataclasses
+import functools
+import re
+from typing import Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from paligemma_jax import gemma
+from paligemma_jax.paligemma import PaliGemma
+
+
+# ---------------------------------------------------------------------------
+# Samplers, named as big_vision names them.
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  kind: str = "greedy"  # greedy | temperature | topk | nucleus
+  t: float = 1.0
+  k: int = 0
+  p: float = 1.0
+
+  def __str__(self):
+    if self.kind == "greedy":
+      return "greedy"
+    if self.kind == "temperature":
+      return f"temperature({self.t:g})"
+    if self.kind == "topk":
+      return f"topk({self.k}, {self.t:g})"
+    return f"nucleus({self.p:g}, {self.t:g})"
+
+
+def parse_sampler(spec: str) -> Sampler:
+  """'greedy' | 'temperature(t)' | 'topk(k[, t])' | 'nucleus(p[, t])' -> Sampler (validated)."""
+  m = re.fullmatch(r"\s*(\w+)\s*(?:\(([^)]*)\))?\s*", spec or "")
+  if not m:
+    raise ValueError(f"cannot parse sampler {spec!r}; use greedy, temperature(t), topk(k, t) "
+                     "or nucleus(p, t)")
+  name, args = m.group(1), [a.strip() for a in (m.group(2) or "").split(",") if a.strip()]
+  try:
+    nums = [float(a) for a in args]
+  except ValueError:
+    raise ValueError(f"sampler {spec!r}: arguments must be numbers") from None
+  arity = {"greedy": (0, 0), "temperature": (1, 1), "topk": (1, 2), "nucleus": (1, 2)}
+  if name not in arity:
+    raise ValueError(f"unknown sampler {name!r} in {spec!r}; known: {', '.join(arity)}")
+  lo, hi = arity[name]
+  if not lo <= len(nums) <= hi:
+    raise ValueError(f"sampler {spec!r}: {name} takes {lo}..{hi} arguments, got {len(nums)}")
+  if name == "greedy":
+    return Sampler()
+  if name == "temperature":
+    s = Sampler("temperature", t=nums[0])
+  elif name == "topk":
+    if nums[0] < 1 or nums[0] != int(nums[0]):
+      raise ValueError(f"sampler {spec!r}: k must be an integer >= 1, got {nums[0]:g}")
+    s = Sampler("topk", k=int(nums[0]), t=nums[1] if len(nums) > 1 else 1.0)
+  else:
+    if not 0 < nums[0] <= 1:
+      raise ValueError(f"sampler {spec!r}: p must be in (0, 1], got {nums[0]:g}")
+    s = Sampler("nucleus", p=nums[0], t=nums[1] if len(nums) > 1 else 1.0)
+  if s.t <= 0:
+    raise ValueError(f"sampler {spec!r}: temperature must be > 0, got {s.t:g}")
+  return s
+
+
+def sample(sampler: Sampler, logits, rng):
+  """logits (B, V) float32 -> token ids (B,)."""
+  if sampler.kind == "greedy":
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / sampler.t
+  if sampler.kind == "topk":
+    values, indices = jax.lax.top_k(logits, sampler.k)
+    choice = jax.random.categorical(rng, values, axis=-1)
+    return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+  if sampler.kind == "nucleus":
+    probs = jax.nn.softmax(logits, axis=-1)
+    sorted_probs = jnp.sort(probs, axis=-1)[:, ::-1]
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    # The smallest top set whose mass reaches p: keep while the mass before it is < p.
+    keep = mass_before < sampler.p
+    threshold = jnp.min(jnp.where(keep, sorted_probs, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(probs >= threshold, logits, -jnp.inf)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# State and loop.
+
+@flax.struct.dataclass
+class DecodeState:
+  """Carried through the while_loop. B rows, M = max_decode_len, C cache slots."""
+  step: jax.Array          # () tokens emitted so far
+  tokens: jax.Array        # (B, M) int32, pad after eos
+  logprobs: jax.Array      # (B, M) float32, log p(token) under the model (temperature 1)
+  done: jax.Array          # (B,) bool, eos emitted
+  last_token: jax.Array    # (B,) int32
+  positions: jax.Array     # (B,) int32, position of last_token
+  cache: dict              # {"k","v"}: (L, B, C, K, H)
+  cache_valid: jax.Array   # (B, C) bool
+  rng: jax.Array
+
+
+def prefill(model: PaliGemma, params, images, text, input_mask, mask_ar, *, cache_size: int,
+            cache_dtype=jnp.bfloat16):
+  """-> (last logits (B, V), cache, cache_valid (B, C), last positions (B,))."""
+  cache = gemma.init_cache(model.config.llm, text.shape[0], cache_size, cache_dtype)
+  return model.apply({"params": params}, images, text, input_mask.astype(bool), mask_ar, cache,
+                     method=PaliGemma.prefill)
+
+
+def decode(model: PaliGemma, params, logits, cache, cache_valid, last_positions, rng, *,
+           prompt_len: int, max_decode_len: int, sampler: Sampler, eos_id: int, pad_id: int = 0,
+           forbidden_ids: Optional[tuple] = None) -> DecodeState:
+  """Samples up to `max_decode_len` tokens per row in one while_loop.
+
+  prompt_len: cache slots the prefill filled (Ni + T); token i is written at prompt_len + i.
+  """
+  batch = logits.shape[0]
+
+  def pick(logits, rng, done):
+    if forbidden_ids:
+      logits = logits.at[:, jnp.asarray(forbidden_ids)].set(-jnp.inf)
+    token = sample(sampler, logits, rng)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], -1)[:, 0]
+    return jnp.where(done, pad_id, token), jnp.where(done, 0.0, logp)
+
+  rng, first_rng = jax.random.split(rng)
+  no_row_done = jnp.zeros((batch,), bool)
+  token, logp = pick(logits, first_rng, no_row_done)
+  state = DecodeState(
+      step=jnp.array(1, jnp.int32),
+      tokens=jnp.full((batch, max_decode_len), pad_id, jnp.int32).at[:, 0].set(token),
+      logprobs=jnp.zeros((batch, max_decode_len), jnp.float32).at[:, 0].set(logp),
+      done=token == eos_id, last_token=token, positions=last_positions,
+      cache=cache, cache_valid=cache_valid, rng=rng)
+
+  def cond(s: DecodeState):
+    return (s.step < max_decode_len) & ~jnp.all(s.done)
+
+  def body(s: DecodeState):
+    write_index = prompt_len + s.step - 1
+    cache_valid = jax.lax.dynamic_update_slice(s.cache_valid, jnp.ones((batch, 1), bool),
+                                               (0, write_index))
+    positions = s.positions + 1
+    logits, cache = model.apply({"params": params}, s.last_token, positions, s.cache, cache_valid,
+                                write_index, method=PaliGemma.extend)
+    rng, step_rng = jax.random.split(s.rng)
+    token, logp = pick(logits, step_rng, s.done)
+    return s.replace(
+        step=s.step + 1,
+        tokens=jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step)),
+        logprobs=jax.lax.dynamic_update_slice(s.logprobs, logp[:, None], (0, s.step)),
+        done=s.done | (token == eos_id), last_token=token, positions=positions,
+        cache=cache, cache_valid=cache_valid, rng=rng)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+def answer_lengths(tokens, eos_id):
+  """(B, M) -> (B,) number of tokens before the first eos (M when none)."""
+  is_eos = tokens == eos_id
+  return jnp.where(is_eos.any(-1), jnp.argmax(is_eos, -1), tokens.shape[1])
+
+
+def jit_prefill(model, *, cache_size, cache_dtype):
+  return jax.jit(functools.partial(prefill, model, cache_size=cache_size, cache_dtype=cache_dtype))
+
+
+def jit_decode(model, **kwargs):
+  """kwargs: prompt_len, max_decode_len, sampler, eos_id, ... (static)."""
+  return jax.jit(functools.partial(decode, model, **kwargs), donate_argnums=(2,))

@@ -1,0 +1,207 @@
+"""Gemma 1 and Gemma 2 decoders, parameter tree as big_vision's `models/ppp/gemma.py` (`llm/...`).
+
+Axis letters: B batch, T query time, S key time (cache slots), D width,
+N query heads, K kv heads, G query heads per kv head, H head dim, F mlp, V vocab, L depth.
+"""
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RMS_EPS = 1e-6
+ROPE_BASE = 10_000
+MASK_VALUE = -2.3819763e38  # big_vision's "minus infinity" that keeps softmax finite
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+  width: int = 2048
+  depth: int = 18
+  mlp_dim: int = 16384
+  num_heads: int = 8
+  num_kv_heads: int = 1
+  head_dim: int = 256
+  vocab_size: int = 257152
+  post_norms: bool = False  # Gemma 2: post_attention_norm and post_ffw_norm
+  attn_logits_softcap: Optional[float] = None
+  final_logits_softcap: Optional[float] = None
+  query_scale: str = "head_dim"  # or "width_over_heads" (Gemma 2 27B)
+
+  @property
+  def query_pre_attn_scalar(self) -> float:
+    if self.query_scale == "head_dim":
+      return float(self.head_dim)
+    if self.query_scale == "width_over_heads":
+      return self.width / self.num_heads
+    raise ValueError(f"query_scale must be 'head_dim' or 'width_over_heads', got {self.query_scale!r}")
+
+
+def softcap(x, cap):
+  return x if not cap else jnp.tanh(x / cap) * cap
+
+
+def apply_rope(x, positions):
+  """Rotary embedding, halves split. x: (B, T, N, H); positions: (B, T) int."""
+  h = x.shape[-1]
+  # Inverse frequencies rounded once from float64, as PyTorch computes them.
+  inv_freq = (1.0 / ROPE_BASE ** (np.arange(0, h, 2) / h)).astype(np.float32)
+  angle = positions.astype(jnp.float32)[..., None] * inv_freq  # BT(H/2)
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + RMS_EPS)
+    return (normed * (1 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class Einsum(nn.Module):
+  """A weight `w` of a given shape, applied with an einsum equation."""
+  shape: tuple
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, eqn, x):
+    w = self.param("w", nn.initializers.normal(), self.shape)
+    return jnp.einsum(eqn, x, w.astype(self.dtype))
+
+
+class Embedder(nn.Module):
+  vocab_size: int
+  width: int
+  dtype: jnp.dtype
+
+  def setup(self):
+    self.input_embedding = self.param(
+        "input_embedding", nn.initializers.normal(), (self.vocab_size, self.width))
+
+  def encode(self, tokens):
+    """(B, T) int -> (B, T, D), scaled by sqrt(D) as Gemma does for text."""
+    x = self.input_embedding[(tokens,)].astype(self.dtype)
+    return x * jnp.sqrt(self.width).astype(self.dtype)
+
+  def decode(self, x):
+    """(B, T, D) -> float32 logits (B, T, V) through the tied embedding."""
+    return jnp.einsum("BTD,VD->BTV", x, self.input_embedding.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class Attention(nn.Module):
+  config: GemmaConfig
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache, write_index):
+    """x: (B,T,D); mask: (B,T,S), S = T (attend to these inputs) or S = cache size.
+
+    cache: None or {"k", "v"}: (B, S_cache, K, H). The new keys/values are written
+    at `write_index`; when the mask spans the cache, attention reads the whole cache.
+    """
+    c = self.config
+    n, k_heads, h, d = c.num_heads, c.num_kv_heads, c.head_dim, c.width
+    if n == k_heads:
+      q, k, v = Einsum((3, n, d, h), self.dtype, name="qkv_einsum")("BTD,SNDH->SBTNH", x)
+    else:
+      q = Einsum((n, d, h), self.dtype, name="q_einsum")("BTD,NDH->BTNH", x)
+      k, v = Einsum((2, k_heads, d, h), self.dtype, name="kv_einsum")("BSD,CKDH->CBSKH", x)
+    q = apply_rope(q, positions) * jnp.asarray(c.query_pre_attn_scalar**-0.5, self.dtype)
+    k = apply_rope(k, positions)
+
+    new_cache = None
+    if cache is not None:
+      idx = (0, write_index, 0, 0)
+      new_cache = {
+          "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx),
+          "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)}
+      if mask.shape[-1] == cache["k"].shape[1]:
+        k, v = new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype)
+
+    b, t = q.shape[:2]
+    q = q.reshape(b, t, k_heads, n // k_heads, h)
+    logits = jnp.einsum("BTKGH,BSKH->BTKGS", q, k, preferred_element_type=jnp.float32)
+    logits = softcap(logits, c.attn_logits_softcap)
+    logits = jnp.where(mask[:, :, None, None, :], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+    out = Einsum((n, h, d), self.dtype, name="attn_vec_einsum")("BTNH,NHD->BTD", encoded)
+    return out, new_cache
+
+
+class FeedForward(nn.Module):
+  """Gated GELU MLP: gelu_tanh(x W_gate) * (x W_up) -> W_down."""
+  width: int
+  mlp_dim: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    w_gating = self.param("gating_einsum", nn.initializers.normal(), (2, self.width, self.mlp_dim))
+    w_linear = self.param("linear", nn.initializers.normal(), (self.mlp_dim, self.width))
+    gate, up = jnp.einsum("BTD,CDF->CBTF", x, w_gating.astype(self.dtype))
+    hidden = nn.gelu(gate, approximate=True) * up
+    return jnp.einsum("BTF,FD->BTD", hidden, w_linear.astype(self.dtype))
+
+
+class Block(nn.Module):
+  """One decoder layer; scanned, so it maps (x, cache slice) -> (x, new cache slice)."""
+  config: GemmaConfig
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, cache, positions, mask, write_index):
+    c = self.config
+    y = RMSNorm(name="pre_attention_norm")(x)
+    y, new_cache = Attention(c, self.dtype, name="attn")(y, positions, mask, cache, write_index)
+    if c.post_norms:
+      y = RMSNorm(name="post_attention_norm")(y)
+    x = x + y
+    y = RMSNorm(name="pre_ffw_norm")(x)
+    y = FeedForward(c.width, c.mlp_dim, self.dtype, name="mlp")(y)
+    if c.post_norms:
+      y = RMSNorm(name="post_ffw_norm")(y)
+    return x + y, new_cache
+
+
+class Gemma(nn.Module):
+  """Decoder over already-embedded inputs; the caller embeds text and images."""
+  config: GemmaConfig
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.embedder = Embedder(c.vocab_size, c.width, self.dtype)
+    self.layers = nn.scan(
+        Block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=c.depth)(c, self.dtype)
+    self.final_norm = RMSNorm()
+
+  def embed(self, tokens):
+    return self.embedder.encode(tokens)
+
+  def __call__(self, x, positions, mask, cache=None, write_index=0):
+    """x: (B,T,D) embedded inputs -> (final-normed hidden (B,T,D), new cache).
+
+    cache: None or {"k", "v"} of shape (L, B, S, K, H).
+    """
+    x, new_cache = self.layers(x.astype(self.dtype), cache, positions, mask, write_index)
+    return self.final_norm(x), new_cache
+
+  def logits(self, hidden):
+    """(B, T, D) -> float32 (B, T, V), final softcap applied when configured."""
+    return softcap(self.embedder.decode(hidden), self.config.final_logits_softcap)
+
+
+def init_cache(config: GemmaConfig, batch: int, size: int, dtype) -> dict:
+  shape = (config.depth, batch, size, config.num_kv_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -1,0 +1,115 @@
+"""PaliGemma: SigLIP image tokens + Gemma with prefix-LM attention (`img/...`, `llm/...`).
+
+The image tokens, the prefix and the separator attend to each other fully
+(mask_ar = 0); the suffix is causal (mask_ar = 1).
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from paligemma_jax import gemma as gemma_lib
+from paligemma_jax import vit as vit_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class PaliGemmaConfig:
+  vit: vit_lib.ViTConfig = vit_lib.ViTConfig()
+  llm: gemma_lib.GemmaConfig = gemma_lib.GemmaConfig()
+
+  @property
+  def image_size(self) -> int:
+    return self.vit.image_size
+
+  @property
+  def num_image_tokens(self) -> int:
+    return self.vit.num_tokens
+
+
+def make_attn_mask(input_mask, mask_ar):
+  """Prefix-LM mask. input_mask, mask_ar: (B, T) -> bool (B, T, T) [query, key].
+
+  Key k is visible to query q when cumsum(mask_ar)[k] <= cumsum(mask_ar)[q] and
+  both are real tokens.
+  """
+  cumsum = jnp.cumsum(mask_ar, axis=1)
+  visible = cumsum[:, None, :] <= cumsum[:, :, None]
+  valid = input_mask[:, None, :] & input_mask[:, :, None]
+  return visible & valid
+
+
+class PaliGemma(nn.Module):
+  config: PaliGemmaConfig
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.img = vit_lib.ViT(self.config.vit, self.dtype)
+    self.llm = gemma_lib.Gemma(self.config.llm, self.dtype)
+
+  def embed_image_and_text(self, images, text):
+    """images (B,S,S,3) in [-1,1], text (B,T) -> (B, Ni+T, D). Image tokens are not scaled."""
+    zimg = self.img(images).astype(self.dtype)
+    return jnp.concatenate([zimg, self.llm.embed(text)], axis=1)
+
+  def _full_masks(self, text, input_mask, mask_ar):
+    b, ni = text.shape[0], self.config.num_image_tokens
+    input_mask = jnp.concatenate([jnp.ones((b, ni), bool), input_mask.astype(bool)], 1)
+    mask_ar = jnp.concatenate([jnp.zeros((b, ni), jnp.int32), mask_ar.astype(jnp.int32)], 1)
+    return input_mask, mask_ar
+
+  def __call__(self, images, text, mask_ar, input_mask=None):
+    """Teacher-forced float32 logits for image + text: (B, Ni+T, V)."""
+    if input_mask is None:
+      input_mask = jnp.ones(text.shape, bool)
+    x = self.embed_image_and_text(images, text)
+    input_mask, mask_ar = self._full_masks(text, input_mask, mask_ar)
+    positions = jnp.cumsum(input_mask, axis=1) - 1
+    hidden, _ = self.llm(x, positions, make_attn_mask(input_mask, mask_ar))
+    return self.llm.logits(hidden)
+
+  def prefill(self, images, text, input_mask, mask_ar, cache):
+    """Runs the prompt and fills `cache` from slot 0.
+
+    images (B,S,S,3); text, input_mask, mask_ar (B,T) (right-padded rows);
+    cache {"k","v"} (L,B,C,K,H) with C >= Ni+T.
+    Returns (logits (B,V) at each row's last real token, cache,
+    cache_valid (B,C) bool, last_position (B,) int).
+    """
+    x = self.embed_image_and_text(images, text)
+    input_mask, mask_ar = self._full_masks(text, input_mask, mask_ar)
+    positions = jnp.cumsum(input_mask, axis=1) - 1
+    hidden, cache = self.llm(x, positions, make_attn_mask(input_mask, mask_ar), cache, 0)
+    seq_len = input_mask.shape[1]
+    last = jnp.sum(input_mask, axis=1) - 1  # index of the last real token; equals its position
+    # Real tokens are contiguous from 0 (right padding), so the last one sits at `last`.
+    hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+    logits = self.llm.logits(hidden_last)[:, 0]
+    cache_size = cache["k"].shape[2]
+    cache_valid = jnp.pad(input_mask, ((0, 0), (0, cache_size - seq_len)))
+    return logits, cache, cache_valid, last
+
+  def extend(self, tokens, positions, cache, cache_valid, write_index):
+    """One decode step. tokens, positions (B,); cache_valid (B,C) already marks slot write_index.
+
+    Returns (logits (B,V), cache).
+    """
+    x = self.llm.embed(tokens[:, None])
+    hidden, cache = self.llm(x, positions[:, None], cache_valid[:, None, :], cache, write_index)
+    return self.llm.logits(hidden)[:, 0], cache
+
+
+def _init(config: PaliGemmaConfig, seed: int):
+  s = config.image_size
+  return PaliGemma(config).init(jax.random.PRNGKey(seed), jnp.zeros((1, s, s, 3)),
+                                jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32))["params"]
+
+
+def abstract_params(config: PaliGemmaConfig):
+  """Shapes and dtypes of a freshly initialised parameter tree, nothing allocated."""
+  return jax.eval_shape(lambda: _init(config, 0))
+
+
+def init_params(config: PaliGemmaConfig, seed: int = 0):
+  """Random float32 parameters in the big_vision tree (for demos and tests)."""
+  return jax.jit(_init, static_argnums=(0, 1))(config, seed)
