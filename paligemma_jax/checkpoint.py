@@ -97,6 +97,10 @@ def iter_npz(path: str):
         count = math.prod(shape)
         nbytes = count * dtype.itemsize
         order = "F" if fortran else "C"
+        if member.tell() + nbytes > info.file_size:
+          raise CheckpointError(
+              f"{path}: key '{key}' of shape {shape} needs {nbytes} bytes of data but holds "
+              f"{info.file_size - member.tell()} (truncated member)")
         if info.compress_type == zipfile.ZIP_STORED:
           offset = _local_data_start(raw, info) + member.tell()
           if offset + nbytes > file_size:
@@ -109,8 +113,14 @@ def iter_npz(path: str):
             array = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
         else:
           array = np.empty(shape, dtype, order=order)
+          buffer = memoryview(array.reshape(-1, order="A").view(np.uint8))
+          got = 0
           try:
-            got = member.readinto(memoryview(array.reshape(-1, order="A")).cast("B"))
+            while got < nbytes:
+              n = member.readinto(buffer[got:])
+              if not n:
+                break
+              got += n
           except (zipfile.BadZipFile, EOFError, OSError) as e:
             raise CheckpointError(f"{path}: key '{key}' could not be read: {e}") from e
           if got != nbytes:

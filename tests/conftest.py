@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny big_vision checkpoints (written by bv_fixtures, not by the model
+code), a tiny sentencepiece tokenizer with the loc/seg pieces, and a test image."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bv_fixtures  # noqa: E402
+from paligemma_jax import gemma, paligemma, vit  # noqa: E402
+from paligemma_jax.tokenizer import Tokenizer, train_tiny_tokenizer  # noqa: E402
+
+SPEC_NAMES = tuple(bv_fixtures.SPECS)
+
+
+def spec_config(spec) -> paligemma.PaliGemmaConfig:
+  """The architecture a spec describes, written from the spec (not inferred)."""
+  return paligemma.PaliGemmaConfig(
+      vit=vit.ViTConfig(image_size=spec["image_size"], patch=spec["patch"],
+                        width=spec["vit_width"], depth=spec["vit_depth"],
+                        mlp_dim=spec["vit_mlp"], num_heads=spec["vit_heads"],
+                        out_dim=spec["llm_width"]),
+      llm=gemma.GemmaConfig(width=spec["llm_width"], depth=spec["llm_depth"],
+                            mlp_dim=spec["llm_mlp"], num_heads=spec["llm_heads"],
+                            num_kv_heads=spec["llm_kv_heads"], head_dim=spec["head_dim"],
+                            vocab_size=spec["vocab"], post_norms=spec["gemma2"],
+                            attn_logits_softcap=spec["attn_logits_softcap"],
+                            final_logits_softcap=spec["final_logits_softcap"],
+                            query_scale=spec["query_pre_attn_norm"]))
+
+
+@pytest.fixture(scope="session")
+def fixture_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("ckpts")
+
+
+@pytest.fixture(scope="session")
+def flat_params():
+  """spec name -> float32 flat arrays (keys without params/)."""
+  return {name: bv_fixtures.make_params(spec, seed=i) for i, (name, spec)
+          in enumerate(bv_fixtures.SPECS.items())}
+
+
+@pytest.fixture(scope="session")
+def ckpt_path(fixture_dir, flat_params):
+  """ckpt_path(spec_name, dtype='float32', prefix='params/', compressed=False) -> path."""
+  written = {}
+
+  def get(name, dtype="float32", prefix="params/", compressed=False):
+    key = (name, dtype, prefix, compressed)
+    if key not in written:
+      tag = f"{name}_{dtype}_{'p' if prefix else 'np'}{'_z' if compressed else ''}.npz"
+      written[key] = bv_fixtures.write_npz(fixture_dir / tag, flat_params[name], dtype,
+                                           prefix=prefix, compressed=compressed)
+    return written[key]
+  return get
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+  return Tokenizer(train_tiny_tokenizer(str(tmp_path_factory.mktemp("tok"))))
+
+
+@pytest.fixture(scope="session")
+def test_image():
+  """A deterministic 300x200 RGB uint8 picture with structure (not noise only)."""
+  rng = np.random.default_rng(7)
+  y, x = np.mgrid[0:200, 0:300]
+  img = np.stack([x * 255 // 300, y * 255 // 200, (x + y) % 256], -1).astype(np.float64)
+  img += rng.normal(0, 20, img.shape)
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def spec_overrides(spec) -> dict:
+  """What a user would put in configs/ for settings no shape tells (the 27B query scale)."""
+  return {"query_scale": spec["query_pre_attn_norm"]}

@@ -1,0 +1,228 @@
+"""Loading big_vision .npz files: dtypes, prefixes, architecture inference, bad files, memory."""
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import bv_fixtures
+from conftest import SPEC_NAMES, spec_config, spec_overrides
+from paligemma_jax import checkpoint, paligemma
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_fresh_tree_equals_big_vision_tree(name):
+  spec = bv_fixtures.SPECS[name]
+  tree = traverse_util.flatten_dict(paligemma.abstract_params(spec_config(spec)), sep="/")
+  assert {k: tuple(v.shape) for k, v in tree.items()} == bv_fixtures.param_shapes(spec)
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_load_infers_architecture_and_keeps_values(name, dtype, ckpt_path, flat_params):
+  spec = bv_fixtures.SPECS[name]
+  loaded = checkpoint.load_npz(ckpt_path(name, dtype), dtype=np.float32,
+                               overrides=spec_overrides(spec))
+  assert loaded.config == spec_config(spec)
+  flat = traverse_util.flatten_dict(loaded.params, sep="/")
+  assert set(flat) == set(flat_params[name])
+  cast = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+  for key, want in flat_params[name].items():
+    np.testing.assert_array_equal(np.asarray(flat[key]), want.astype(cast).astype(np.float32),
+                                  err_msg=key)
+
+
+def test_load_without_prefix_and_compressed(ckpt_path, flat_params):
+  for path in (ckpt_path("pg2_gqa", prefix=""), ckpt_path("pg2_gqa", compressed=True),
+               ckpt_path("pg2_gqa", "bfloat16", compressed=True)):
+    loaded = checkpoint.load_npz(path)
+    flat = traverse_util.flatten_dict(loaded.params, sep="/")
+    key = "llm/layers/attn/kv_einsum/w"
+    np.testing.assert_allclose(np.asarray(flat[key]), flat_params["pg2_gqa"][key], rtol=1e-2)
+    assert loaded.config.llm.post_norms and loaded.config.llm.num_kv_heads == 2
+
+
+def test_bfloat16_parameters_stay_bfloat16(ckpt_path):
+  import jax.numpy as jnp
+  loaded = checkpoint.load_npz(ckpt_path("pg1_mqa", "bfloat16"), dtype=jnp.bfloat16)
+  leaves = traverse_util.flatten_dict(loaded.params, sep="/").values()
+  assert {str(x.dtype) for x in leaves} == {"bfloat16"}
+
+
+def test_variant_table_and_overrides():
+  shapes = {k: v for k, v in bv_fixtures.param_shapes(bv_fixtures.SPECS["pg2_gqa"]).items()}
+  c = checkpoint.infer_config(shapes)
+  assert (c.llm.attn_logits_softcap, c.llm.final_logits_softcap) == (50.0, 30.0)
+  c = checkpoint.infer_config(shapes, overrides={"final_logits_softcap": 0.0,
+                                                 "query_scale": "width_over_heads"})
+  assert c.llm.final_logits_softcap is None and c.llm.query_scale == "width_over_heads"
+  assert c.llm.attn_logits_softcap == 50.0
+  # Gemma 2 27B shapes pick the width/heads query scaling from the table.
+  big = dict(shapes)
+  big["llm/embedder/input_embedding"] = (257152, 4608)
+  big["llm/layers/pre_attention_norm/scale"] = (46, 4608)
+  big["llm/layers/attn/q_einsum/w"] = (46, 32, 4608, 128)
+  big["llm/layers/attn/kv_einsum/w"] = (46, 2, 16, 4608, 128)
+  big["llm/layers/mlp/gating_einsum"] = (46, 2, 4608, 36864)
+  c = checkpoint.infer_config(big)
+  assert c.llm.query_scale == "width_over_heads" and c.llm.query_pre_attn_scalar == 144.0
+  assert c.image_size == 224 and c.llm.depth == 46 and c.llm.num_kv_heads == 16
+
+
+# ---------------------------------------------------------------------------
+# Bad files: each error names the file and the key.
+
+def _write(path, arrays):
+  with open(path, "wb") as f:
+    np.savez(f, **arrays)
+  return str(path)
+
+
+def _good(flat_params, name="pg1_mqa"):
+  return {"params/" + k: v for k, v in flat_params[name].items()}
+
+
+def test_missing_key(tmp_path, flat_params):
+  arrays = _good(flat_params)
+  del arrays["params/llm/layers/mlp/linear"]
+  path = _write(tmp_path / "missing.npz", arrays)
+  with pytest.raises(checkpoint.CheckpointError, match=r"missing.npz.*missing key 'llm/layers/mlp/linear'.*\(2, 128, 64\)"):
+    checkpoint.load_npz(path)
+
+
+def test_missing_key_needed_for_inference(tmp_path, flat_params):
+  arrays = _good(flat_params)
+  del arrays["params/img/pos_embedding"]
+  with pytest.raises(checkpoint.CheckpointError, match=r"missing key 'img/pos_embedding'"):
+    checkpoint.load_npz(_write(tmp_path / "m.npz", arrays))
+
+
+def test_unexpected_key(tmp_path, flat_params):
+  arrays = _good(flat_params)
+  arrays["params/llm/layers/extra/w"] = np.zeros((2, 3), np.float32)
+  with pytest.raises(checkpoint.CheckpointError, match=r"unexpected key 'llm/layers/extra/w'.*\(2, 3\)"):
+    checkpoint.load_npz(_write(tmp_path / "u.npz", arrays))
+
+
+def test_wrong_shape(tmp_path, flat_params):
+  arrays = _good(flat_params)
+  arrays["params/llm/layers/mlp/linear"] = np.zeros((2, 100, 64), np.float32)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"key 'llm/layers/mlp/linear' has shape \(2, 100, 64\), expected \(2, 128, 64\)"):
+    checkpoint.load_npz(_write(tmp_path / "s.npz", arrays))
+
+
+def test_wrong_rank_in_inference_key(tmp_path, flat_params):
+  arrays = _good(flat_params)
+  arrays["params/llm/layers/attn/q_einsum/w"] = np.zeros((2, 4, 64), np.float32)
+  with pytest.raises(checkpoint.CheckpointError, match=r"'llm/layers/attn/q_einsum/w' has shape \(2, 4, 64\)"):
+    checkpoint.load_npz(_write(tmp_path / "r.npz", arrays))
+
+
+def test_wrong_dtype(tmp_path, flat_params):
+  arrays = _good(flat_params)
+  arrays["params/llm/final_norm/scale"] = np.zeros((64,), np.int32)
+  with pytest.raises(checkpoint.CheckpointError, match=r"key 'llm/final_norm/scale' has dtype int32"):
+    checkpoint.load_npz(_write(tmp_path / "d.npz", arrays))
+
+
+def test_truncated_file(tmp_path, ckpt_path):
+  data = open(ckpt_path("pg1_mqa"), "rb").read()
+  path = tmp_path / "trunc.npz"
+  path.write_bytes(data[: len(data) // 2])
+  with pytest.raises(checkpoint.CheckpointError, match=r"trunc.npz.*truncated"):
+    checkpoint.load_npz(str(path))
+
+
+def test_truncated_member_data(tmp_path, flat_params):
+  """A zip whose directory is intact but one member's data is short."""
+  path = tmp_path / "short.npz"
+  good = _write(tmp_path / "g.npz", _good(flat_params))
+  with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w") as dst:
+    for info in src.infolist():
+      data = src.read(info)
+      if info.filename == "params/llm/final_norm/scale.npy":
+        data = data[:-40]
+      dst.writestr(info.filename, data)
+  with pytest.raises(checkpoint.CheckpointError, match=r"key 'params/llm/final_norm/scale'.*truncated"):
+    checkpoint.load_npz(str(path))
+
+
+def test_not_a_zip(tmp_path):
+  path = tmp_path / "notes.npz"
+  path.write_text("this is not a checkpoint\n")
+  with pytest.raises(checkpoint.CheckpointError, match=r"notes.npz: not a readable .npz"):
+    checkpoint.load_npz(str(path))
+
+
+def test_missing_file(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match=r"nothere.npz: no such checkpoint file"):
+    checkpoint.load_npz(str(tmp_path / "nothere.npz"))
+
+
+def test_pickle_is_refused(tmp_path, flat_params):
+  arrays = _good(flat_params)
+  arrays["params/llm/final_norm/scale"] = np.array([{"evil": 1}], dtype=object)
+  path = _write(tmp_path / "pickled.npz", arrays)  # np.savez pickles object arrays
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"pickled.npz: key 'params/llm/final_norm/scale' .*pickle.*refused"):
+    checkpoint.load_npz(path)
+
+
+# ---------------------------------------------------------------------------
+# Memory: one copy. Anonymous (non file-backed) resident memory is sampled during the load.
+
+_MEMORY_PROBE = textwrap.dedent("""
+    import sys, threading, time
+    sys.path.insert(0, {repo!r})
+    import numpy as np, jax
+
+    def anon():
+      for line in open('/proc/self/status'):
+        if line.startswith('RssAnon:'):
+          return int(line.split()[1]) * 1024
+
+    from paligemma_jax import checkpoint
+    jax.device_put(np.zeros(4)).block_until_ready()
+    base, peak, running = anon(), [0], [True]
+    def sample():
+      while running[0]:
+        peak[0] = max(peak[0], anon()); time.sleep(0.002)
+    t = threading.Thread(target=sample); t.start()
+    if sys.argv[2] == 'ours':
+      params = checkpoint.load_npz(sys.argv[1]).params
+    else:  # the naive way: np.load everything, then put it on the device
+      with np.load(sys.argv[1]) as z:
+        host = {{k: z[k] for k in z.files}}
+      params = {{k: jax.device_put(v) for k, v in host.items()}}
+    jax.block_until_ready(params)
+    running[0] = False; t.join()
+    print(max(peak[0], anon()) - base)
+""")
+
+
+def test_load_holds_one_copy_in_host_memory(tmp_path):
+  spec = dict(bv_fixtures.SPECS["pg1_mqa"], vocab=400_000, llm_width=128)
+  flat = bv_fixtures.make_params(spec)
+  path = bv_fixtures.write_npz(tmp_path / "big.npz", flat)
+  size = sum(v.nbytes for v in flat.values())
+  del flat
+  assert size > 200e6
+  probe = tmp_path / "probe.py"
+  probe.write_text(_MEMORY_PROBE.format(repo=REPO))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+  def peak(mode):
+    out = subprocess.run([sys.executable, str(probe), path, mode], capture_output=True, text=True,
+                         env=env, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+  ours, naive = peak("ours"), peak("naive")
+  assert naive > 1.7 * size, (naive / size, "the probe must see two copies in the naive load")
+  assert ours < 1.25 * size, f"peak anonymous memory {ours / size:.2f}x the checkpoint"
