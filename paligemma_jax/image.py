@@ -70,10 +70,11 @@ def _resize_weights(n_in: int, n_out: int):
 def resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
   """(H, W, C) float32 -> (size, size, C), as jax.image.resize(..., 'bilinear', antialias=False)."""
   x = x.astype(np.float32)
+  # a + w (b - a) rather than (1 - w) a + w b: exact where a == b, so 255 stays 255.
   lo, hi, w = _resize_weights(x.shape[0], size)
-  x = x[lo] * (1 - w)[:, None, None] + x[hi] * w[:, None, None]
+  x = x[lo] + w[:, None, None] * (x[hi] - x[lo])
   lo, hi, w = _resize_weights(x.shape[1], size)
-  return x[:, lo] * (1 - w)[None, :, None] + x[:, hi] * w[None, :, None]
+  return x[:, lo] + w[None, :, None] * (x[:, hi] - x[:, lo])
 
 
 def preprocess(img, size: int) -> np.ndarray:
