@@ -1,0 +1,110 @@
+"""Parity with the PyTorch reference: HF transformers' PaliGemmaForConditionalGeneration
+(eager attention, float32) built from the same big_vision arrays (tests/hf_reference.py).
+
+Relative error here is max |ours - reference| / max |reference| over all logits of the
+sequence (image positions included).
+"""
+import copy
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+import bv_fixtures
+import hf_reference
+from conftest import SPEC_NAMES, spec_overrides
+from paligemma_jax import checkpoint, image, paligemma
+from paligemma_jax.pipeline import PaliGemmaPipeline
+
+F32_TOLERANCE = 1e-4
+# bfloat16 keeps 8 significant bits (relative step 2^-8 = 0.4%); every matmul output and the
+# residual stream are rounded to it. The fixtures are deliberately high-gain (final-norm gain 6,
+# attention logits of std 3-4, so mask and position bugs show), which amplifies that rounding:
+# the reference itself, run in bfloat16 on the same bf16 weights, lands 8-11% (of the logit
+# range) away from its float32 self. So bfloat16 is tested two ways: within 1.25x of the
+# reference's own bfloat16 error, and under an absolute 0.15 that a wrong mask, position or
+# scale (errors of order 1) cannot meet.
+BF16_TOLERANCE = 0.15
+BF16_VS_REFERENCE = 1.25
+
+
+def rel_err(ours, ref):
+  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+@pytest.fixture(scope="module")
+def hf_models(flat_params):
+  return {}
+
+
+def _hf(hf_models, flat_params, name, rounded_to=None):
+  key = (name, rounded_to)
+  if key not in hf_models:
+    flat = flat_params[name]
+    if rounded_to is not None:
+      flat = {k: v.astype(rounded_to).astype(np.float32) for k, v in flat.items()}
+    hf_models[key] = hf_reference.build_hf_paligemma(flat, bv_fixtures.SPECS[name])
+  return hf_models[key]
+
+
+def _inputs(tokenizer, test_image, spec, suffix_len=6, seed=0):
+  """Image + 'caption en' prompt + a random teacher-forced suffix (mask_ar 1)."""
+  tokens, mask_ar = tokenizer.prompt("caption en")
+  rng = np.random.default_rng(seed)
+  suffix = rng.integers(4, tokenizer.vocab_size, suffix_len).astype(np.int32)
+  text = np.concatenate([tokens, suffix])[None]
+  mask_ar = np.concatenate([mask_ar, np.ones(suffix_len, np.int32)])[None]
+  pixels = image.preprocess(test_image, spec["image_size"])[None]
+  return pixels, text, mask_ar
+
+
+def _our_logits(loaded, pixels, text, mask_ar, dtype=jnp.float32):
+  model = paligemma.PaliGemma(loaded.config, dtype)
+  return np.asarray(model.apply({"params": loaded.params}, pixels, text, mask_ar))
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_float32_logits_match_reference(name, ckpt_path, flat_params, hf_models, tokenizer, test_image):
+  spec = bv_fixtures.SPECS[name]
+  loaded = checkpoint.load_npz(ckpt_path(name), overrides=spec_overrides(spec))
+  pixels, text, mask_ar = _inputs(tokenizer, test_image, spec)
+  ours = _our_logits(loaded, pixels, text, mask_ar)
+  ref = hf_reference.hf_logits(_hf(hf_models, flat_params, name), pixels, text, mask_ar)
+  assert ours.shape == ref.shape == (1, bv_fixtures.spec_image_tokens(spec) + text.shape[1],
+                                     spec["vocab"])
+  err = rel_err(ours, ref)
+  assert err < F32_TOLERANCE, f"{name}: relative error {err:.2e}"
+  # The suffix really is teacher-forced through a causal mask: argmax agrees everywhere.
+  np.testing.assert_array_equal(ours[0, -7:].argmax(-1), ref[0, -7:].argmax(-1))
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_bfloat16_logits_within_stated_tolerance(name, ckpt_path, flat_params, hf_models,
+                                                 tokenizer, test_image):
+  spec = bv_fixtures.SPECS[name]
+  loaded = checkpoint.load_npz(ckpt_path(name, "bfloat16"), dtype=jnp.bfloat16,
+                               overrides=spec_overrides(spec))
+  pixels, text, mask_ar = _inputs(tokenizer, test_image, spec)
+  ours = _our_logits(loaded, pixels, text, mask_ar, jnp.bfloat16)
+  hf = _hf(hf_models, flat_params, name, ml_dtypes.bfloat16)
+  ref = hf_reference.hf_logits(hf, pixels, text, mask_ar)
+  ref_bf16 = hf_reference.hf_logits(copy.deepcopy(hf).to(torch.bfloat16), pixels, text, mask_ar)
+  err, ref_err = rel_err(ours, ref), rel_err(ref_bf16, ref)
+  assert err < BF16_TOLERANCE, f"{name}: bfloat16 relative error {err:.2e}"
+  assert err < BF16_VS_REFERENCE * ref_err, f"{name}: ours {err:.2e}, reference bf16 {ref_err:.2e}"
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_greedy_tokens_match_reference_generate(name, ckpt_path, flat_params, hf_models,
+                                                tokenizer, test_image):
+  spec = bv_fixtures.SPECS[name]
+  loaded = checkpoint.load_npz(ckpt_path(name), overrides=spec_overrides(spec))
+  pipe = PaliGemmaPipeline(loaded.config, loaded.params, tokenizer, cache_dtype="float32")
+  [ours] = pipe.generate([test_image], ["caption en"], max_decode_len=16)
+  pixels = image.preprocess(test_image, spec["image_size"])[None]
+  tokens, _ = tokenizer.prompt("caption en")
+  ref = hf_reference.hf_greedy(_hf(hf_models, flat_params, name), pixels, tokens[None], 16)
+  assert len(ref) == 16, "fixture emitted eos early; the comparison would be short"
+  assert ours.tokens == ref.tolist()
