@@ -119,16 +119,20 @@ def prefill(model: PaliGemma, params, images, text, input_mask, mask_ar, *, cach
 
 def decode(model: PaliGemma, params, logits, cache, cache_valid, last_positions, rng, *,
            prompt_len: int, max_decode_len: int, sampler: Sampler, eos_id: int, pad_id: int = 0,
-           forbidden_ids: Optional[tuple] = None) -> DecodeState:
+           forbidden_ids: Optional[tuple] = None, vocab_limit: Optional[int] = None) -> DecodeState:
   """Samples up to `max_decode_len` tokens per row in one while_loop.
 
   prompt_len: cache slots the prefill filled (Ni + T); token i is written at prompt_len + i.
+  forbidden_ids: ids never emitted. vocab_limit: ids >= it are never emitted (embedding rows
+  the tokenizer has no piece for).
   """
   batch = logits.shape[0]
 
   def pick(logits, rng, done):
     if forbidden_ids:
       logits = logits.at[:, jnp.asarray(forbidden_ids)].set(-jnp.inf)
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+      logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
     token = sample(sampler, logits, rng)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], -1)[:, 0]
     return jnp.where(done, pad_id, token), jnp.where(done, 0.0, logp)

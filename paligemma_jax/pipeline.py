@@ -103,7 +103,8 @@ class PaliGemmaPipeline:
     logits, cache, cache_valid, last = prefill.out_info
     dec = decode.jit_decode(self.model, prompt_len=prompt_len, max_decode_len=max_decode_len,
                             sampler=sampler, eos_id=self.tokenizer.eos_id,
-                            pad_id=self.tokenizer.pad_id, forbidden_ids=forbidden_ids or None)
+                            pad_id=self.tokenizer.pad_id, forbidden_ids=forbidden_ids or None,
+                            vocab_limit=self.tokenizer.vocab_size)
     dec = dec.lower(self.params, logits, cache, cache_valid, last, jax.random.PRNGKey(0)).compile()
     self._compiled[key] = (prefill, dec)
     return prefill, dec, time.perf_counter() - t0

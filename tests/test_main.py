@@ -1,0 +1,72 @@
+"""main.py end to end, as a user runs it (subprocess)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import spec_overrides
+import bv_fixtures
+from paligemma_jax import checkpoint
+from paligemma_jax.image import load_image
+from paligemma_jax.pipeline import PaliGemmaPipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HOME=str(tmp_path))  # fresh caches
+  return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args],
+                        capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_embedded_default(tmp_path):
+  out = tmp_path / "o" / "answer.json"
+  r = run_main(f"--output_json={out}", "--max_decode_len=8", tmp_path=tmp_path)
+  assert r.returncode == 0, r.stderr
+  assert "RANDOM weights" in r.stdout and "timing: load" in r.stdout
+  record = json.loads(out.read_text())
+  assert record["prompt"] == "caption en" and record["random_weights"] is True
+  assert len(record["tokens"]) == record["timing"]["generated_tokens"] <= 8
+  for k in ("load_s", "compile_s", "prefill_s", "decode_s"):
+    assert record["timing"][k] > 0, k
+
+
+def test_checkpoint_run_matches_python_api(tmp_path, ckpt_path, tokenizer):
+  spec = bv_fixtures.SPECS["pg1_mqa"]
+  path = ckpt_path("pg1_mqa", "bfloat16")
+  out = tmp_path / "a.json"
+  image = os.path.join(REPO, "assets", "demo.png")
+  r = run_main(f"--ckpt={path}", f"--tokenizer={tokenizer.path}", f"--image={image}",
+               "--prompt=caption en", "--max_decode_len=12", f"--output_json={out}",
+               "--config.cache_dtype=float32", tmp_path=tmp_path)
+  assert r.returncode == 0, r.stderr
+  record = json.loads(out.read_text())
+  loaded = checkpoint.load_npz(path, overrides=spec_overrides(spec))
+  pipe = PaliGemmaPipeline(loaded.config, loaded.params, tokenizer, cache_dtype="float32")
+  [ref] = pipe.generate([load_image(image)], ["caption en"], max_decode_len=12)
+  assert record["tokens"] == ref.tokens and record["text"] == ref.text
+  assert ref.text in r.stdout
+  assert tokenizer.eos_id not in record["tokens"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ckpt=/nonexistent/x.npz", "--tokenizer=/nonexistent/t.model"], "no such checkpoint file"),
+    (["--ckpt=/nonexistent/x.npz"], "--ckpt needs --tokenizer"),
+    (["--image=/nonexistent.png"], "no such image file"),
+    (["--sampler=nucleus(1.5)"], "p must be in (0, 1]"),
+    (["--sampler=beam"], "unknown sampler"),
+])
+def test_clear_errors(args, message, tmp_path):
+  r = run_main(*args, tmp_path=tmp_path)
+  assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+  assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_not_an_image_file(tmp_path):
+  bad = tmp_path / "x.png"
+  bad.write_bytes(np.random.default_rng(0).bytes(100))
+  r = run_main(f"--image={bad}", tmp_path=tmp_path)
+  assert r.returncode == 2 and "x.png: not an image" in r.stderr
