@@ -8,7 +8,7 @@ validity mask over slots: padding is never attended. No host sync per token.
 import dataclasses
 import functools
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 import flax
 import jax
@@ -119,12 +119,14 @@ def prefill(model: PaliGemma, params, images, text, input_mask, mask_ar, *, cach
 
 def decode(model: PaliGemma, params, logits, cache, cache_valid, last_positions, rng, *,
            prompt_len: int, max_decode_len: int, sampler: Sampler, eos_id: int, pad_id: int = 0,
-           forbidden_ids: Optional[tuple] = None, vocab_limit: Optional[int] = None) -> DecodeState:
+           forbidden_ids: Optional[tuple] = None, vocab_limit: Optional[int] = None,
+           stream: Optional[Callable] = None) -> DecodeState:
   """Samples up to `max_decode_len` tokens per row in one while_loop.
 
   prompt_len: cache slots the prefill filled (Ni + T); token i is written at prompt_len + i.
   forbidden_ids: ids never emitted. vocab_limit: ids >= it are never emitted (embedding rows
-  the tokenizer has no piece for).
+  the tokenizer has no piece for). stream: host function (tokens (B,), done (B,)) called
+  in order as each step is sampled; None keeps the loop free of host round trips.
   """
   batch = logits.shape[0]
 
@@ -140,6 +142,8 @@ def decode(model: PaliGemma, params, logits, cache, cache_valid, last_positions,
   rng, first_rng = jax.random.split(rng)
   no_row_done = jnp.zeros((batch,), bool)
   token, logp = pick(logits, first_rng, no_row_done)
+  if stream is not None:
+    jax.debug.callback(stream, token, no_row_done, ordered=True)
   state = DecodeState(
       step=jnp.array(1, jnp.int32),
       tokens=jnp.full((batch, max_decode_len), pad_id, jnp.int32).at[:, 0].set(token),
@@ -159,6 +163,8 @@ def decode(model: PaliGemma, params, logits, cache, cache_valid, last_positions,
                                 write_index, method=PaliGemma.extend)
     rng, step_rng = jax.random.split(s.rng)
     token, logp = pick(logits, step_rng, s.done)
+    if stream is not None:
+      jax.debug.callback(stream, token, s.done, ordered=True)
     return s.replace(
         step=s.step + 1,
         tokens=jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step)),

@@ -5,14 +5,15 @@
     print(result.text, result.tokens, result.timing)
 """
 import dataclasses
+import functools
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paligemma_jax import checkpoint, decode, image as image_lib, paligemma
+from paligemma_jax import beam_search, checkpoint, decode, image as image_lib, paligemma
 from paligemma_jax.tokenizer import Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -44,7 +45,7 @@ class PaliGemmaPipeline:
 
   def __init__(self, config: paligemma.PaliGemmaConfig, params, tokenizer: Tokenizer, *,
                dtype="float32", cache_dtype="bfloat16", prompt_bucket: int = 16,
-               load_s: float = 0.0):
+               max_seq_len: int = 8192, load_s: float = 0.0):
     if tokenizer.vocab_size > config.llm.vocab_size:
       raise ValueError(
           f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
@@ -55,6 +56,7 @@ class PaliGemmaPipeline:
     self.dtype = as_dtype(dtype)
     self.cache_dtype = as_dtype(cache_dtype)
     self.prompt_bucket = prompt_bucket
+    self.max_seq_len = max_seq_len
     self.load_s = load_s
     self.model = paligemma.PaliGemma(config, self.dtype)
     self._compiled = {}
@@ -85,9 +87,24 @@ class PaliGemmaPipeline:
       text[i, :len(t)], input_mask[i, :len(t)], mask_ar[i, :len(t)] = t, True, m
     return dict(images=pixels, text=text, input_mask=input_mask, mask_ar=mask_ar)
 
-  def _functions(self, batch: int, width: int, max_decode_len: int, sampler: decode.Sampler,
-                 forbidden_ids: tuple):
-    key = (batch, width, max_decode_len, sampler, forbidden_ids)
+  def check_request(self, prompt_tokens: int, max_decode_len: int):
+    """Raises ValueError, before any compilation, when a request cannot fit."""
+    if max_decode_len < 1:
+      raise ValueError(f"max_decode_len must be >= 1, got {max_decode_len}")
+    total = self.config.num_image_tokens + prompt_tokens + max_decode_len
+    if self.max_seq_len and total > self.max_seq_len:
+      raise ValueError(
+          f"{self.config.num_image_tokens} image tokens + {prompt_tokens} prompt tokens + "
+          f"max_decode_len {max_decode_len} = {total} exceeds the configured cache of "
+          f"{self.max_seq_len} tokens (config max_seq_len)")
+
+  def _functions(self, batch: int, width: int, max_decode_len: int, strategy: tuple,
+                 forbidden_ids: tuple, stream=None):
+    """Compiled (prefill, decode) for one shape and strategy, plus seconds spent compiling.
+
+    strategy: ("sample", Sampler) or ("beam", beam_size).
+    """
+    key = (batch, width, max_decode_len, strategy, forbidden_ids, stream)
     if key in self._compiled:
       return self._compiled[key] + (0.0,)
     t0 = time.perf_counter()
@@ -101,37 +118,70 @@ class PaliGemmaPipeline:
         jax.ShapeDtypeStruct((batch, width), bool),
         jax.ShapeDtypeStruct((batch, width), jnp.int32)).compile()
     logits, cache, cache_valid, last = prefill.out_info
-    dec = decode.jit_decode(self.model, prompt_len=prompt_len, max_decode_len=max_decode_len,
-                            sampler=sampler, eos_id=self.tokenizer.eos_id,
-                            pad_id=self.tokenizer.pad_id, forbidden_ids=forbidden_ids or None,
-                            vocab_limit=self.tokenizer.vocab_size)
-    dec = dec.lower(self.params, logits, cache, cache_valid, last, jax.random.PRNGKey(0)).compile()
+    common = dict(prompt_len=prompt_len, max_decode_len=max_decode_len,
+                  eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                  forbidden_ids=forbidden_ids or None, vocab_limit=self.tokenizer.vocab_size)
+    if strategy[0] == "beam":
+      dec = jax.jit(functools.partial(beam_search.beam_search, self.model, beam_size=strategy[1],
+                                      **common))
+      dec = dec.lower(self.params, logits, cache, cache_valid, last).compile()
+    else:
+      dec = decode.jit_decode(self.model, sampler=strategy[1], stream=stream, **common)
+      dec = dec.lower(self.params, logits, cache, cache_valid, last,
+                      jax.random.PRNGKey(0)).compile()
     self._compiled[key] = (prefill, dec)
     return prefill, dec, time.perf_counter() - t0
 
   def generate(self, images: Sequence, prompts: Sequence[str], *, max_decode_len: int = 32,
                sampler="greedy", seed: int = 0, answer_start: Optional[str] = None,
-               forbidden_ids: Sequence[int] = ()) -> list:
-    """Images (PIL or uint8 (H,W,3)) and prompts, one per row -> one Generation per row."""
-    if max_decode_len < 1:
-      raise ValueError(f"max_decode_len must be >= 1, got {max_decode_len}")
+               forbidden_ids: Sequence[int] = (), beam_size: int = 0, best_of_n: int = 1,
+               on_token: Optional[Callable[[np.ndarray, np.ndarray], None]] = None) -> list:
+    """Images (PIL or uint8 (H,W,3)) and prompts, one per row -> one Generation per row.
+
+    sampler: "greedy", "temperature(t)", "topk(k, t)", "nucleus(p, t)" (or a Sampler).
+    beam_size > 0: beam search instead of sampling. best_of_n > 1: draw n samples per row
+    and keep the one with the highest log-probability up to and including eos.
+    on_token(tokens (B,), done (B,)): called from the device loop as each step is sampled
+    (streaming; one host round trip per token, so only when asked).
+    """
     if isinstance(sampler, str):
       sampler = decode.parse_sampler(sampler)
-    batch = self.make_batch(images, prompts, answer_start)
+    if beam_size < 0 or best_of_n < 1:
+      raise ValueError(f"beam_size must be >= 0 and best_of_n >= 1, got {beam_size}, {best_of_n}")
+    if beam_size and (best_of_n > 1 or on_token is not None):
+      raise ValueError("beam search combines with neither best_of_n nor streaming")
+    if len(images) != len(prompts):
+      raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    longest = max(len(self.tokenizer.prompt(p, answer_start)[0]) for p in prompts)
+    self.check_request(longest, max_decode_len)
+    n = best_of_n
+    batch = self.make_batch([im for im in images for _ in range(n)],
+                            [p for p in prompts for _ in range(n)], answer_start)
     b, width = batch["text"].shape
-    prefill, dec, compile_s = self._functions(b, width, max_decode_len, sampler,
-                                              tuple(sorted(int(i) for i in forbidden_ids)))
+    strategy = ("beam", beam_size) if beam_size else ("sample", sampler)
+    prefill, dec, compile_s = self._functions(
+        b, width, max_decode_len, strategy, tuple(sorted(int(i) for i in forbidden_ids)),
+        on_token)
     t0 = time.perf_counter()
     logits, cache, cache_valid, last = _block(prefill(
         self.params, batch["images"], batch["text"], batch["input_mask"], batch["mask_ar"]))
     t1 = time.perf_counter()
-    state = _block(dec(self.params, logits, cache, cache_valid, last, jax.random.PRNGKey(seed)))
+    if beam_size:
+      state = _block(dec(self.params, logits, cache, cache_valid, last))
+      tokens, logprobs, _ = beam_search.best_beam(state)
+    else:
+      state = _block(dec(self.params, logits, cache, cache_valid, last, jax.random.PRNGKey(seed)))
+      tokens, logprobs = state.tokens, state.logprobs
     t2 = time.perf_counter()
-    tokens, logprobs = np.asarray(state.tokens), np.asarray(state.logprobs)
+    tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
     lengths = np.asarray(decode.answer_lengths(tokens, self.tokenizer.eos_id))
-    generated = int(lengths.sum())
+    if n > 1:  # keep, per prompt, the sample with the highest log-probability up to eos
+      ends = np.minimum(lengths + 1, tokens.shape[1])
+      totals = np.array([logprobs[i, :ends[i]].sum() for i in range(b)]).reshape(-1, n)
+      keep = np.arange(len(prompts)) * n + totals.argmax(1)
+      tokens, logprobs, lengths = tokens[keep], logprobs[keep], lengths[keep]
     timing = dict(load_s=self.load_s, compile_s=compile_s, prefill_s=t1 - t0, decode_s=t2 - t1,
-                  generated_tokens=generated, decode_steps=int(state.step))
+                  generated_tokens=int(lengths.sum()), decode_steps=int(state.step))
     out = []
     for i, prompt in enumerate(prompts):
       ids = tokens[i, :lengths[i]].tolist()

@@ -23,7 +23,7 @@ def pipe(tokenizer):
 def test_decode_is_one_while_loop(pipe, test_image):
   batch = pipe.make_batch([test_image], ["caption en"])
   b, t = batch["text"].shape
-  prefill, _, _ = pipe._functions(b, t, 8, decode.Sampler(), ())
+  prefill, _, _ = pipe._functions(b, t, 8, ("sample", decode.Sampler()), ())
   jaxpr = jax.make_jaxpr(lambda *a: decode.decode(
       pipe.model, *a, prompt_len=pipe.config.num_image_tokens + t, max_decode_len=8,
       sampler=decode.Sampler(), eos_id=1))(
@@ -92,3 +92,64 @@ def test_sampler_strings_round_trip():
   for s in ("greedy", "temperature(0.7)", "topk(40, 0.8)", "nucleus(0.9, 1)"):
     assert str(decode.parse_sampler(str(decode.parse_sampler(s)))) == str(decode.parse_sampler(s))
   assert decode.parse_sampler("topk(5)") == decode.Sampler("topk", k=5, t=1.0)
+
+
+def test_beam_one_equals_greedy_and_wider_beams_score_no_lower(pipe, test_image):
+  prompts = ["caption en", "detect cat ; dog"]
+  images = [test_image, test_image[::-1]]
+  greedy = pipe.generate(images, prompts, max_decode_len=8)
+  beam1 = pipe.generate(images, prompts, max_decode_len=8, beam_size=1)
+  assert [g.tokens for g in greedy] == [b.tokens for b in beam1]
+  for k in (2, 4):
+    beams = pipe.generate(images, prompts, max_decode_len=8, beam_size=k)
+    for g, bm in zip(greedy, beams):
+      assert sum(bm.logprobs) >= sum(g.logprobs) - 1e-4, (k, bm.tokens, g.tokens)
+
+
+def test_beam_scores_are_model_logprobs(pipe, test_image):
+  [bm] = pipe.generate([test_image], ["caption en"], max_decode_len=6, beam_size=3)
+  tokens, mask_ar = pipe.tokenizer.prompt("caption en")
+  text = np.concatenate([tokens, np.array(bm.tokens, np.int32)])[None]
+  mask_ar = np.concatenate([mask_ar, np.ones(len(bm.tokens), np.int32)])[None]
+  pixels = pipe.make_batch([test_image], ["caption en"])["images"]
+  logits = np.asarray(pipe.model.apply({"params": pipe.params}, pixels, text, mask_ar)).copy()
+  logits[..., pipe.tokenizer.vocab_size:] = -np.inf
+  first = pipe.config.num_image_tokens + len(tokens) - 1
+  logp = jax.nn.log_softmax(logits[0, first:first + len(bm.tokens)])
+  np.testing.assert_allclose(bm.logprobs, logp[np.arange(len(bm.tokens)), bm.tokens], atol=1e-4)
+
+
+def test_best_of_n_keeps_the_most_likely_sample(pipe, test_image):
+  n = 4
+  [best] = pipe.generate([test_image], ["caption en"], max_decode_len=6,
+                         sampler="temperature(1.5)", seed=3, best_of_n=n)
+  draws = pipe.generate([test_image] * n, ["caption en"] * n, max_decode_len=6,
+                        sampler="temperature(1.5)", seed=3)
+  totals = [sum(d.logprobs) for d in draws]
+  assert len(set(tuple(d.tokens) for d in draws)) > 1, "draws must differ for the test to mean something"
+  assert best.tokens == draws[int(np.argmax(totals))].tokens
+
+
+def test_seeded_sampling_is_reproducible(pipe, test_image):
+  a = pipe.generate([test_image], ["caption en"], max_decode_len=8, sampler="nucleus(0.9, 2)", seed=5)
+  b = pipe.generate([test_image], ["caption en"], max_decode_len=8, sampler="nucleus(0.9, 2)", seed=5)
+  c = pipe.generate([test_image], ["caption en"], max_decode_len=8, sampler="nucleus(0.9, 2)", seed=6)
+  assert a[0].tokens == b[0].tokens and a[0].tokens != c[0].tokens
+
+
+def test_streaming_reports_every_token_in_order(pipe, test_image):
+  seen = []
+  [out] = pipe.generate([test_image], ["caption en"], max_decode_len=7,
+                        on_token=lambda tokens, done: seen.append(int(np.asarray(tokens)[0])))
+  [plain] = pipe.generate([test_image], ["caption en"], max_decode_len=7)
+  assert out.tokens == plain.tokens
+  assert seen[:len(out.tokens)] == out.tokens
+
+
+def test_requests_too_long_fail_before_compiling(pipe, test_image):
+  small = PaliGemmaPipeline(pipe.config, pipe.params, pipe.tokenizer, max_seq_len=300)
+  with pytest.raises(ValueError, match=r"exceeds the configured cache of 300"):
+    small.generate([test_image], ["caption en"], max_decode_len=64)
+  assert not small._compiled
+  with pytest.raises(ValueError, match="max_decode_len must be >= 1"):
+    small.generate([test_image], ["caption en"], max_decode_len=0)
