@@ -8,6 +8,7 @@ def get_config():
   c.dtype = "float32"          # compute and parameter dtype: float32 | bfloat16 | float16
   c.cache_dtype = "bfloat16"   # KV cache dtype (big_vision's default); float32 for exact parity
   c.prompt_bucket = 16         # prompts are padded to a multiple of this: fewer recompilations
+  c.max_seq_len = 8192         # image + prompt + max_decode_len must fit; checked before compiling
   c.compilation_cache_dir = "~/.cache/paligemma_jax/xla"  # "" disables the persistent cache
 
   # Settings no array shape tells. Unset: taken from the known variant table

@@ -153,3 +153,10 @@ def test_requests_too_long_fail_before_compiling(pipe, test_image):
   assert not small._compiled
   with pytest.raises(ValueError, match="max_decode_len must be >= 1"):
     small.generate([test_image], ["caption en"], max_decode_len=0)
+
+
+def test_prompt_lengths_share_a_bucket(pipe, test_image):
+  pipe._compiled.clear()
+  for prompt in ("ocr", "caption en", "answer en what is it ?"):
+    pipe.generate([test_image], [prompt], max_decode_len=4)
+  assert len(pipe._compiled) == 1  # all pad to the same 16-token bucket: one compilation

@@ -32,6 +32,9 @@ def test_embedded_default(tmp_path):
   assert len(record["tokens"]) == record["timing"]["generated_tokens"] <= 8
   for k in ("load_s", "compile_s", "prefill_s", "decode_s"):
     assert record["timing"][k] > 0, k
+  # The persistent compilation cache was written, so a second run starts without compiling.
+  cache = tmp_path / ".cache" / "paligemma_jax" / "xla"
+  assert cache.is_dir() and len(list(cache.iterdir())) >= 2
 
 
 def test_checkpoint_run_matches_python_api(tmp_path, ckpt_path, tokenizer):
