@@ -9,6 +9,9 @@ def get_config():
   c.cache_dtype = "bfloat16"   # KV cache dtype (big_vision's default); float32 for exact parity
   c.prompt_bucket = 16         # prompts are padded to a multiple of this: fewer recompilations
   c.max_seq_len = 8192         # image + prompt + max_decode_len must fit; checked before compiling
+  # float32 matmuls at full precision: GPUs otherwise run them in TF32 (about 1e-3 relative),
+  # which breaks float32 parity. "" keeps JAX's default.
+  c.matmul_precision = "highest"
   c.compilation_cache_dir = "~/.cache/paligemma_jax/xla"  # "" disables the persistent cache
 
   # Settings no array shape tells. Unset: taken from the known variant table
