@@ -31,6 +31,14 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
 _VAE_CKPT = flags.DEFINE_string("vae_ckpt", None, "vae-oid.npz, to decode segmentation masks.")
 _ANSWER = flags.DEFINE_string("answer", None,
                               "Render this answer string (from elsewhere) without loading a model.")
+_IMAGES = flags.DEFINE_string(
+    "images", None, "Batch job: a glob, a directory or a .jsonl of {\"image\", \"prompt\"} lines; "
+    "needs --output_jsonl. A rerun with the same arguments resumes.")
+_OUTPUT_JSONL = flags.DEFINE_string("output_jsonl", None,
+                                    "Batch job: one JSON line per image is appended here.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Batch job: images per generate call.")
+_INTERACTIVE = flags.DEFINE_bool("interactive", False,
+                                 "Prompt loop on --image: type prompts and /commands (/help).")
 
 
 def _fail(msg):
@@ -84,9 +92,40 @@ def _write_task_outputs(text, prompt, img, vae_ckpt, output_dir):
   return written
 
 
+def _run_many(cfg):
+  """--images (jobs.py) or --interactive (interactive.py); the model loads only when needed."""
+  from paligemma_jax import decode, demo, interactive, jobs
+  if _IMAGES.value and _INTERACTIVE.value:
+    _fail("--images and --interactive do not combine")
+  try:
+    decode.parse_sampler(_SAMPLER.value)
+  except ValueError as e:
+    _fail(str(e))
+
+  def load():
+    _setup_jax(cfg)
+    pipe, note = _pipeline(cfg)
+    if note:
+      print(f"note: {note}", flush=True)
+    return pipe
+
+  common = dict(max_decode_len=_MAX_LEN.value, sampler=_SAMPLER.value, seed=_SEED.value,
+                answer_start=_ANSWER_START.value, output_dir=_OUTPUT_DIR.value,
+                vae_ckpt=_VAE_CKPT.value)
+  if _INTERACTIVE.value:
+    sys.exit(interactive.main(load, _IMAGE.value or demo.DEMO_IMAGE, **common))
+  try:
+    jobs.run_job(load, _IMAGES.value, _PROMPT.value, _OUTPUT_JSONL.value,
+                 batch_size=_BATCH_SIZE.value, **common)
+  except jobs.JobError as e:
+    _fail(str(e))
+
+
 def main(argv):
   del argv
   cfg = _CONFIG.value
+  if _IMAGES.value is not None or _INTERACTIVE.value:
+    return _run_many(cfg)
   from paligemma_jax import demo
   from paligemma_jax.image import ImageError, load_image
   image_path = _IMAGE.value or demo.DEMO_IMAGE

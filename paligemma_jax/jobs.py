@@ -1,0 +1,429 @@
+"""Batch jobs: many images through `PaliGemmaPipeline.generate`, one JSON line per result.
+
+    python main.py --images='photos/*.jpg' --prompt="caption en" --output_jsonl=out.jsonl
+    python main.py --images=photos/ --output_jsonl=out.jsonl --batch_size=16
+    python main.py --images=requests.jsonl --output_jsonl=out.jsonl  # {"image", "prompt"} lines
+
+Nothing is lost: every finished result is appended as one line, flushed and fsync'ed. A job
+killed at any point and started again with the same arguments truncates a half-written last
+line, skips the (image, prompt) pairs already in the output and does the rest, so the output
+ends with exactly one line per input. An input that cannot be used (missing, unreadable, empty,
+not an image, too many pixels) gets a line with "error" and the job goes on.
+
+Images are decoded and resized by a few threads while the device runs the current batch.
+"""
+import collections
+import concurrent.futures
+import dataclasses
+import glob
+import json
+import os
+import sys
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from paligemma_jax import image as image_lib
+
+try:
+  import fcntl
+except ImportError:  # not POSIX: no lock against two jobs on one output
+  fcntl = None
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm",
+                    ".pgm", ".pbm", ".pnm", ".jfif", ".ico")
+DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+class JobError(ValueError):
+  """A job that cannot start (bad --images, bad output file); the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """One input: `image` as the user gave it (written to the output), `path` to open."""
+  index: int
+  image: str
+  path: str
+  prompt: str
+
+  @property
+  def key(self):
+    return (self.image, self.prompt)
+
+
+# ---------------------------------------------------------------------------
+# Inputs.
+
+def _is_image_name(name: str) -> bool:
+  return not os.path.basename(name).startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _read_jsonl_inputs(path: str, prompt: str) -> list:
+  base = os.path.dirname(os.path.abspath(path))
+  items = []
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise JobError(f"{path}: cannot read ({e})") from None
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise JobError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
+      raise JobError(f'{path}:{n}: expected {{"image": PATH, "prompt": "..."}}, got {line[:80]}')
+    p = row.get("prompt", prompt)
+    if not isinstance(p, str):
+      raise JobError(f"{path}:{n}: prompt must be a string")
+    image = row["image"]
+    # Relative paths are relative to the .jsonl file, so a request file travels with its images.
+    items.append(Item(len(items), image, os.path.join(base, os.path.expanduser(image)), p))
+  return items
+
+
+def collect_inputs(spec: str, prompt: str) -> list:
+  """--images value -> [Item], in a stable order (sorted paths, or the .jsonl's order).
+
+  spec: a directory (its image files by extension, not recursive), a .jsonl file of
+  {"image": path, "prompt": "..."} lines (prompt optional, default `prompt`; relative
+  paths are relative to the .jsonl), a glob (`**` recurses) or one image file.
+  """
+  if not spec:
+    raise JobError("--images is empty")
+  expanded = os.path.expanduser(spec)
+  if os.path.isdir(expanded):
+    names = sorted(n for n in os.listdir(expanded)
+                   if _is_image_name(n) and not os.path.isdir(os.path.join(expanded, n)))
+    paths = [os.path.join(spec, n) for n in names]
+  elif expanded.lower().endswith(".jsonl") and os.path.isfile(expanded):
+    items = _read_jsonl_inputs(expanded, prompt)
+    if not items:
+      raise JobError(f"{spec}: no inputs (no non-blank lines)")
+    return items
+  elif glob.has_magic(spec):
+    paths = sorted(p for p in glob.glob(expanded, recursive=True) if not os.path.isdir(p))
+  elif os.path.lexists(expanded):
+    paths = [spec]
+  else:
+    raise JobError(f"--images={spec}: no such file or directory")
+  if not paths:
+    raise JobError(f"--images={spec}: no image files found")
+  return [Item(i, p, os.path.expanduser(p), prompt) for i, p in enumerate(paths)]
+
+
+# ---------------------------------------------------------------------------
+# The output file: repair on restart, one fsync'ed line per result.
+
+def read_done(path: str) -> list:
+  """Records already in `path` (an output of this module). Truncates a half-written last line.
+
+  Only the last line can be partial: lines are written whole, in order, with O_APPEND. A
+  complete line that is not a JSON object stops the job rather than being dropped.
+  """
+  if not os.path.exists(path):
+    return []
+  with open(path, "r+b") as f:
+    data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+      f.truncate(end)
+      f.flush()
+      os.fsync(f.fileno())
+      print(f"note: {path}: removed a half-written last line ({len(data) - end} bytes)",
+            file=sys.stderr)
+  records = []
+  for n, line in enumerate(data[:end].split(b"\n")[:-1], 1):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      rec = None
+    if not isinstance(rec, dict) or "image" not in rec or "prompt" not in rec:
+      raise JobError(f"{path}:{n}: not a result line of this program; move the file away or "
+                     "fix that line")
+    records.append(rec)
+  return records
+
+
+def pending(items: list, records: list) -> list:
+  """Items without a result yet. An (image, prompt) pair given k times needs k results."""
+  done = collections.Counter((r["image"], r["prompt"]) for r in records)
+  todo = []
+  for item in items:
+    if done[item.key] > 0:
+      done[item.key] -= 1
+    else:
+      todo.append(item)
+  return todo
+
+
+class ResultWriter:
+  """Appends whole JSON lines; each is flushed and fsync'ed before write() returns."""
+
+  def __init__(self, path: str):
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    self.path = path
+    self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    if fcntl is not None:
+      try:
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError:
+        os.close(self.fd)
+        raise JobError(f"{path}: another job is writing this file") from None
+
+  def write(self, record: dict):
+    data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    view = memoryview(data)
+    while view:
+      view = view[os.write(self.fd, view):]
+    os.fsync(self.fd)
+
+  def close(self):
+    if self.fd is not None:
+      os.close(self.fd)  # releases the lock
+      self.fd = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+# ---------------------------------------------------------------------------
+# Detection / segmentation answers in the JSONL.
+
+def rle_encode(mask: np.ndarray) -> dict:
+  """(h, w) bool -> COCO uncompressed RLE: {"size": [h, w], "counts": [...]}.
+
+  Run lengths over the column-major (Fortran-order) pixels, starting with a run of 0s.
+  """
+  flat = np.asarray(mask, bool).ravel(order="F")
+  change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+  bounds = np.concatenate([[0], change, [flat.size]])
+  counts = np.diff(bounds).tolist()
+  if flat.size and flat[0]:
+    counts = [0] + counts
+  return {"size": list(mask.shape), "counts": counts}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+  """Inverse of `rle_encode`."""
+  h, w = rle["size"]
+  values = np.arange(len(rle["counts"])) % 2 == 1
+  return np.repeat(values, rle["counts"]).reshape((h, w), order="F")
+
+
+def task_fields(text: str, prompt: str, image_hw, vae_params=None) -> Optional[dict]:
+  """For detect/segment prompts: {"objects": [...], "skipped": [...]}; None otherwise.
+
+  Each object: label, box [y1, x1, y2, x2] in pixels, box_normalized, and for a segment its
+  16 seg_codes plus, when `vae_params` are given, its full-size mask as `mask_rle`.
+  """
+  from paligemma_jax import outputs
+  if outputs.task_of(prompt) is None:
+    return None
+  objects, skipped = outputs.parse_answer(text, image_hw)
+  result = {"objects": [], "skipped": [{"text": s.text, "reason": s.reason} for s in skipped]}
+  seg = [i for i, o in enumerate(objects) if o.seg_codes is not None]
+  masks = {}
+  if seg and vae_params is None:
+    result["warning"] = "segment answer: no --vae_ckpt, so masks are not decoded (seg_codes kept)"
+  elif seg:
+    from paligemma_jax import vqvae
+    codes = np.array([objects[i].seg_codes for i in seg], np.int32)
+    for i, m64 in zip(seg, vqvae.decode_masks(vae_params, codes)):
+      masks[i] = outputs.paste_mask(m64, objects[i].box, image_hw)
+  for i, o in enumerate(objects):
+    entry = {"label": o.label, "box": [float(v) for v in o.box],
+             "box_normalized": [float(v) for v in o.box_normalized]}
+    if o.seg_codes is not None:
+      entry["seg_codes"] = list(o.seg_codes)
+    if i in masks:
+      entry["mask_rle"] = rle_encode(masks[i])
+    result["objects"].append(entry)
+  return result
+
+
+# ---------------------------------------------------------------------------
+# Decoding ahead of the device.
+
+@dataclasses.dataclass
+class Decoded:
+  item: Item
+  pixels: Optional[np.ndarray] = None   # (S, S, 3) float32 in [0, 255], already resized
+  hw: Optional[tuple] = None            # original (height, width)
+  picture: object = None                # the PIL image, kept only when it will be drawn on
+  error: Optional[str] = None
+
+
+def decode_item(item: Item, size: int, keep_picture: bool) -> Decoded:
+  """Never raises: a bad input comes back with `error` set."""
+  try:
+    if os.path.isfile(item.path) and os.path.getsize(item.path) == 0:
+      return Decoded(item, error=f"{item.image}: empty file (0 bytes)")
+    img = image_lib.load_image(item.path)
+    # The resize runs here, off the device thread. preprocess() of an (S, S, 3) array resizes
+    # S -> S, which is exact (weights 0), so generate() sees the same pixels as from the file.
+    pixels = image_lib.resize_bilinear(np.asarray(img), size)
+    return Decoded(item, pixels, (img.height, img.width), img if keep_picture else None)
+  except image_lib.ImageError as e:
+    msg = str(e)
+    if item.path != item.image and msg.startswith(item.path):
+      msg = item.image + msg[len(item.path):]
+    return Decoded(item, error=msg)
+  except Exception as e:  # noqa: BLE001 -- one odd file must not stop the job
+    return Decoded(item, error=f"{item.image}: {type(e).__name__}: {e}")
+
+
+def decoded_stream(items, decode: Callable, executor, lookahead: int):
+  """Yields decode(item) in order while up to `lookahead` later items decode in threads."""
+  queue = collections.deque()
+  it = iter(items)
+  for item in it:
+    queue.append(executor.submit(decode, item))
+    if len(queue) >= lookahead:
+      break
+  while queue:
+    done = queue.popleft().result()
+    nxt = next(it, None)
+    if nxt is not None:
+      queue.append(executor.submit(decode, nxt))
+    yield done
+
+
+def batches(stream, batch_size: int, on_error: Callable):
+  """Good decodes grouped by batch_size (the last group may be shorter); errors -> on_error."""
+  group = []
+  for d in stream:
+    if d.error is not None:
+      on_error(d)
+      continue
+    group.append(d)
+    if len(group) == batch_size:
+      yield group
+      group = []
+  if group:
+    yield group
+
+
+# ---------------------------------------------------------------------------
+# The job.
+
+def run_job(make_pipeline: Callable, images: str, prompt: str, output_jsonl: str, *,
+            batch_size: int = 8, max_decode_len: int = 32, sampler: str = "greedy",
+            seed: int = 0, answer_start: Optional[str] = None, output_dir: Optional[str] = None,
+            vae_ckpt: Optional[str] = None, progress: bool = True, log=None) -> dict:
+  """Runs (or resumes) a job; returns a summary dict. Raises JobError for a job that cannot start.
+
+  make_pipeline: () -> PaliGemmaPipeline, called only when something is left to do.
+  Each line: {"index", "image", "prompt", "text", "tokens"} (+ "objects", "skipped",
+  "output_dir" for detect/segment prompts), or {"index", "image", "prompt", "error"}.
+  Pictures for detect/segment prompts go to output_dir/<index>_<name>/ when output_dir is set.
+  """
+  from tqdm import tqdm
+  log = log or (lambda msg: print(msg, file=sys.stderr))
+  if batch_size < 1:
+    raise JobError(f"--batch_size must be >= 1, got {batch_size}")
+  if not output_jsonl:
+    raise JobError("--images needs --output_jsonl=PATH")
+  items = collect_inputs(images, prompt)
+  with ResultWriter(output_jsonl) as writer:  # locked before the file is read or repaired
+    todo = pending(items, read_done(output_jsonl))
+    summary = dict(inputs=len(items), already_done=len(items) - len(todo), results=0, errors=0,
+                   seconds=0.0, images_per_s=0.0, output_jsonl=output_jsonl)
+    if not todo:
+      log(f"nothing to do: all {len(items)} inputs already have a line in {output_jsonl}")
+      return summary
+    if summary["already_done"]:
+      log(f"resuming: {summary['already_done']} of {len(items)} already done")
+    pipe = make_pipeline()
+    from paligemma_jax import outputs
+    vae_params = None
+    if vae_ckpt and any(outputs.task_of(it.prompt) == "segment" for it in todo):
+      from paligemma_jax import vqvae
+      try:
+        vae_params = vqvae.load_vae(vae_ckpt)
+      except (FileNotFoundError, ValueError) as e:
+        raise JobError(str(e)) from None
+    size = pipe.config.image_size
+
+    def decode(item):
+      draw = bool(output_dir) and outputs.task_of(item.prompt) is not None
+      return decode_item(item, size, draw)
+
+    bar = tqdm(total=len(items), initial=summary["already_done"], unit="img",
+               disable=not progress, dynamic_ncols=True, smoothing=0.1)
+
+    def emit(record, error=False):
+      writer.write(record)
+      summary["errors" if error else "results"] += 1
+      bar.update(1)
+      if summary["errors"]:
+        bar.set_postfix(errors=summary["errors"], refresh=False)
+
+    def on_error(d):
+      emit(dict(index=d.item.index, image=d.item.image, prompt=d.item.prompt, error=d.error),
+           error=True)
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, "decode") as executor:
+      stream = decoded_stream(todo, decode, executor, lookahead=2 * batch_size)
+      def run(group):
+        rows = group + [group[-1]] * (batch_size - len(group))  # one compiled shape for all
+        return pipe.generate([d.pixels for d in rows], [d.item.prompt for d in rows],
+                             max_decode_len=max_decode_len, sampler=sampler,
+                             seed=seed + group[0].item.index, answer_start=answer_start)
+
+      for group in batches(stream, batch_size, on_error):
+        try:
+          results = list(zip(group, run(group)))
+        except Exception:  # noqa: BLE001 -- e.g. one prompt too long: find which, alone
+          results = []
+          for d in group:
+            try:
+              results.append((d, run([d])[0]))
+            except Exception as e:  # noqa: BLE001
+              emit(dict(index=d.item.index, image=d.item.image, prompt=d.item.prompt,
+                        error=f"generate failed: {type(e).__name__}: {e}"), error=True)
+        for d, r in results:
+          emit(_result_record(d, r, output_dir, vae_params))
+    bar.close()
+    summary["seconds"] = time.perf_counter() - t0
+    done = summary["results"] + summary["errors"]
+    summary["images_per_s"] = done / summary["seconds"] if summary["seconds"] > 0 else 0.0
+    log(f"done: {summary['results']} results, {summary['errors']} errors in "
+        f"{summary['seconds']:.1f}s ({summary['images_per_s']:.2f} images/s); "
+        f"wrote {output_jsonl}")
+    return summary
+
+
+def _result_record(d: Decoded, r, output_dir, vae_params) -> dict:
+  item = d.item
+  rec = dict(index=item.index, image=item.image, prompt=item.prompt, text=r.text,
+             tokens=r.tokens)
+  try:
+    fields = task_fields(r.text, item.prompt, d.hw, vae_params)
+    if fields is not None:
+      rec.update(fields)
+      if output_dir:
+        from paligemma_jax import outputs
+        stem = os.path.splitext(os.path.basename(item.image))[0] or "image"
+        sub = os.path.join(output_dir, f"{item.index:06d}_{stem}")
+        written = outputs.write_task_outputs(r.text, item.prompt, d.picture, sub,
+                                             vae_params=vae_params)
+        rec["output_dir"] = sub
+        rec["annotated_png"] = written["annotated_png"]
+        for entry, w in zip(rec["objects"], written.get("objects", [])):
+          if "mask_png" in w:
+            entry["mask_png"] = w["mask_png"]
+  except Exception as e:  # noqa: BLE001 -- the answer is kept; drawing it failed
+    rec["warning"] = f"could not write the detect/segment outputs: {type(e).__name__}: {e}"
+  return rec
