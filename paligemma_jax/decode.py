@@ -5,6 +5,7 @@ into cache slots [0, P); generated token i of every row goes to slot P + i, so
 the rows share one write index while each row keeps its own positions and a
 validity mask over slots: padding is never attended. No host sync per token.
 """
+import contextlib
 import dataclasses
 import functools
 import re
@@ -14,7 +15,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from paligemma_jax import gemma
+from paligemma_jax import gemma, sharding
 from paligemma_jax.paligemma import PaliGemma
 
 
@@ -110,25 +111,37 @@ class DecodeState:
 
 
 def prefill(model: PaliGemma, params, images, text, input_mask, mask_ar, *, cache_size: int,
-            cache_dtype=jnp.bfloat16):
-  """-> (last logits (B, V), cache, cache_valid (B, C), last positions (B,))."""
+            cache_dtype=jnp.bfloat16, mesh=None):
+  """-> (last logits (B, V), cache, cache_valid (B, C), last positions (B,)).
+
+  mesh: optional jax.sharding.Mesh; the cache is then created and returned in
+  `sharding.cache_sharding`'s layout, the one the decode loop keeps.
+  """
   cache = gemma.init_cache(model.config.llm, text.shape[0], cache_size, cache_dtype)
-  return model.apply({"params": params}, images, text, input_mask.astype(bool), mask_ar, cache,
-                     method=PaliGemma.prefill)
+  cache = sharding.constrain_cache(cache, mesh)
+  logits, cache, cache_valid, last = model.apply(
+      {"params": params}, images, text, input_mask.astype(bool), mask_ar, cache,
+      method=PaliGemma.prefill)
+  return logits, sharding.constrain_cache(cache, mesh), cache_valid, last
 
 
 def decode(model: PaliGemma, params, logits, cache, cache_valid, last_positions, rng, *,
            prompt_len: int, max_decode_len: int, sampler: Sampler, eos_id: int, pad_id: int = 0,
            forbidden_ids: Optional[tuple] = None, vocab_limit: Optional[int] = None,
-           stream: Optional[Callable] = None) -> DecodeState:
+           stream: Optional[Callable] = None, mesh=None) -> DecodeState:
   """Samples up to `max_decode_len` tokens per row in one while_loop.
 
   prompt_len: cache slots the prefill filled (Ni + T); token i is written at prompt_len + i.
   forbidden_ids: ids never emitted. vocab_limit: ids >= it are never emitted (embedding rows
   the tokenizer has no piece for). stream: host function (tokens (B,), done (B,)) called
   in order as each step is sampled; None keeps the loop free of host round trips.
+  mesh: optional jax.sharding.Mesh; the cache keeps `sharding.cache_sharding`'s layout
+  through the loop and each step runs weight-stationary (`sharding.weight_stationary`).
   """
   batch = logits.shape[0]
+  cache = sharding.constrain_cache(cache, mesh)
+  step_context = (lambda: sharding.weight_stationary(mesh)) if mesh is not None \
+      else contextlib.nullcontext
 
   def pick(logits, rng, done):
     if forbidden_ids:
@@ -159,8 +172,10 @@ def decode(model: PaliGemma, params, logits, cache, cache_valid, last_positions,
     cache_valid = jax.lax.dynamic_update_slice(s.cache_valid, jnp.ones((batch, 1), bool),
                                                (0, write_index))
     positions = s.positions + 1
-    logits, cache = model.apply({"params": params}, s.last_token, positions, s.cache, cache_valid,
-                                write_index, method=PaliGemma.extend)
+    with step_context():
+      logits, cache = model.apply({"params": params}, s.last_token, positions, s.cache,
+                                  cache_valid, write_index, method=PaliGemma.extend)
+    cache = sharding.constrain_cache(cache, mesh)
     rng, step_rng = jax.random.split(s.rng)
     token, logp = pick(logits, step_rng, s.done)
     if stream is not None:
@@ -181,8 +196,9 @@ def answer_lengths(tokens, eos_id):
   return jnp.where(is_eos.any(-1), jnp.argmax(is_eos, -1), tokens.shape[1])
 
 
-def jit_prefill(model, *, cache_size, cache_dtype):
-  return jax.jit(functools.partial(prefill, model, cache_size=cache_size, cache_dtype=cache_dtype))
+def jit_prefill(model, *, cache_size, cache_dtype, mesh=None):
+  return jax.jit(functools.partial(prefill, model, cache_size=cache_size, cache_dtype=cache_dtype,
+                                   mesh=mesh))
 
 
 def jit_decode(model, **kwargs):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paligemma_jax import beam_search, checkpoint, decode, image as image_lib, paligemma
+from paligemma_jax import sharding
 from paligemma_jax.tokenizer import Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -45,13 +46,14 @@ class PaliGemmaPipeline:
 
   def __init__(self, config: paligemma.PaliGemmaConfig, params, tokenizer: Tokenizer, *,
                dtype="float32", cache_dtype="bfloat16", prompt_bucket: int = 16,
-               max_seq_len: int = 8192, load_s: float = 0.0):
+               max_seq_len: int = 8192, load_s: float = 0.0, mesh=None):
     if tokenizer.vocab_size > config.llm.vocab_size:
       raise ValueError(
           f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
           f"embedding has only {config.llm.vocab_size} rows")
     self.config = config
-    self.params = params
+    self.mesh = mesh  # jax.sharding.Mesh ('data', 'model') or None (one device)
+    self.params = params if mesh is None else sharding.shard_params(params, mesh)
     self.tokenizer = tokenizer
     self.dtype = as_dtype(dtype)
     self.cache_dtype = as_dtype(cache_dtype)
@@ -111,12 +113,14 @@ class PaliGemmaPipeline:
     prompt_len = self.config.num_image_tokens + width
     cache_size = prompt_len + max_decode_len
     s = self.config.image_size
-    prefill = decode.jit_prefill(self.model, cache_size=cache_size, cache_dtype=self.cache_dtype)
+    prefill = decode.jit_prefill(self.model, cache_size=cache_size, cache_dtype=self.cache_dtype,
+                                 mesh=self.mesh)
+    rows = None if self.mesh is None else sharding.batch_sharding(batch, self.mesh)
     prefill = prefill.lower(
-        self.params, jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
-        jax.ShapeDtypeStruct((batch, width), jnp.int32),
-        jax.ShapeDtypeStruct((batch, width), bool),
-        jax.ShapeDtypeStruct((batch, width), jnp.int32)).compile()
+        self.params, jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32, sharding=rows),
+        jax.ShapeDtypeStruct((batch, width), jnp.int32, sharding=rows),
+        jax.ShapeDtypeStruct((batch, width), bool, sharding=rows),
+        jax.ShapeDtypeStruct((batch, width), jnp.int32, sharding=rows)).compile()
     logits, cache, cache_valid, last = prefill.out_info
     common = dict(prompt_len=prompt_len, max_decode_len=max_decode_len,
                   eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
@@ -126,7 +130,8 @@ class PaliGemmaPipeline:
                                       **common))
       dec = dec.lower(self.params, logits, cache, cache_valid, last).compile()
     else:
-      dec = decode.jit_decode(self.model, sampler=strategy[1], stream=stream, **common)
+      dec = decode.jit_decode(self.model, sampler=strategy[1], stream=stream, mesh=self.mesh,
+                              **common)
       dec = dec.lower(self.params, logits, cache, cache_valid, last,
                       jax.random.PRNGKey(0)).compile()
     self._compiled[key] = (prefill, dec)
@@ -162,6 +167,9 @@ class PaliGemmaPipeline:
     prefill, dec, compile_s = self._functions(
         b, width, max_decode_len, strategy, tuple(sorted(int(i) for i in forbidden_ids)),
         on_token)
+    if self.mesh is not None:  # rows over 'data'; each process fills its own devices
+      rows = sharding.batch_sharding(b, self.mesh)
+      batch = {k: sharding.put_global(v, rows) for k, v in batch.items()}
     t0 = time.perf_counter()
     logits, cache, cache_valid, last = _block(prefill(
         self.params, batch["images"], batch["text"], batch["input_mask"], batch["mask_ar"]))
@@ -173,7 +181,7 @@ class PaliGemmaPipeline:
       state = _block(dec(self.params, logits, cache, cache_valid, last, jax.random.PRNGKey(seed)))
       tokens, logprobs = state.tokens, state.logprobs
     t2 = time.perf_counter()
-    tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+    tokens, logprobs = sharding.to_host(tokens), sharding.to_host(logprobs)
     lengths = np.asarray(decode.answer_lengths(tokens, self.tokenizer.eos_id))
     if n > 1:  # keep, per prompt, the sample with the highest log-probability up to eos
       ends = np.minimum(lengths + 1, tokens.shape[1])

@@ -1,0 +1,368 @@
+"""Meshes ('data', 'model') on 8 CPU devices: parameter rules, sharded decode equal to one device,
+and the collectives XLA puts inside the decode while_loop.
+
+XLA fixes the number of CPU devices when JAX starts, so the `check_*` functions run in one
+child pytest with XLA_FLAGS=--xla_force_host_platform_device_count=8 (`run_on_8_devices`);
+this process reports each of them as `test_on_8_devices[name]`.
+"""
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+import bv_fixtures
+from conftest import spec_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INNER_ENV = "PALIGEMMA_TEST_8_DEVICES"
+INNER = os.environ.get(INNER_ENV) == "1"
+
+
+def run_on_8_devices(test_file: str, tmp_dir, checks) -> dict:
+  """Runs `test_file`'s `checks` (check_* names) in a child pytest on 8 CPU devices.
+
+  -> {check name: (outcome, message)}; outcome in passed / failed / skipped.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **{INNER_ENV: "1"},
+             XLA_FLAGS=(flags + " --xla_force_host_platform_device_count=8").strip())
+  report = os.path.join(str(tmp_dir), "inner.xml")
+  r = subprocess.run([sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider",
+                      "-k", " or ".join(sorted({"test_" + c.split("[")[0][len("check_"):]
+                                                for c in checks})), f"--junitxml={report}",
+                      f"--basetemp={os.path.join(str(tmp_dir), 'inner')}"],
+                     env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+  if not os.path.exists(report):
+    raise AssertionError(f"child pytest wrote no report (rc {r.returncode}):\n"
+                         f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+  results = {}
+  for case in ET.parse(report).getroot().iter("testcase"):
+    name = re.sub(r"^test_", "check_", case.get("name"))
+    outcome, message = "passed", ""
+    for tag in ("failure", "error", "skipped"):
+      node = case.find(tag)
+      if node is not None:
+        outcome = "skipped" if tag == "skipped" else "failed"
+        message = (node.get("message") or "") + "\n" + (node.text or "")
+    results[name] = (outcome, message[-6000:])
+  return results
+
+
+def export_checks(namespace: dict):
+  """In the child: expose every check_* as test_* so pytest collects it (with its params)."""
+  if INNER:
+    for name in [n for n in namespace if n.startswith("check_")]:
+      namespace["test_" + name[len("check_"):]] = namespace[name]
+
+
+def report_ids(namespace: dict, params: dict = None) -> list:
+  """Ids as the child's junit report names them: check_x, or check_x[param]."""
+  out = []
+  for name in [n for n in namespace if n.startswith("check_")]:
+    out += [f"{name}[{p}]" for p in (params or {}).get(name, ())] or [name]
+  return out
+
+
+def make_outer_test(test_file: str, names: list):
+  @pytest.mark.skipif(INNER, reason="runs the child")
+  @pytest.mark.parametrize("name", names)
+  def test_on_8_devices(name, request, tmp_path_factory):
+    key = "_results_" + os.path.basename(test_file)
+    if not hasattr(request.session, key):
+      setattr(request.session, key,
+              run_on_8_devices(test_file, tmp_path_factory.mktemp("d8"), names))
+    results = getattr(request.session, key)
+    outcome, message = results.get(name, ("missing", f"not run; ran: {sorted(results)}"))
+    assert outcome == "passed", f"{name} on 8 CPU devices: {outcome}\n{message}"
+  return test_on_8_devices
+
+
+# ---------------------------------------------------------------------------
+# What runs on 8 devices.
+
+# A tiny PaliGemma 2 (softcaps, post-norms, GQA) whose heads, kv heads, widths and vocabulary
+# split over 8 devices: N=8 and the vocabulary divide 8; K=4 divides the 2x4 model axis but not
+# 1x8 (the cache and kv_einsum fall back to replication there). Widths are large enough that
+# every per-layer weight and cache block has more elements than a step's logits for the batch,
+# which makes the "no weights or cache move in the loop" check below meaningful.
+MESH_SPEC = dict(bv_fixtures.SPECS["pg2_gqa"], image_size=56, vit_width=64, vit_heads=8,
+                 vit_mlp=128, llm_width=128, llm_heads=8, llm_kv_heads=4, head_dim=16,
+                 llm_mlp=256, vocab=1536)
+MESHES = ("1x8", "8x1", "2x4")
+BATCH = 8
+MAX_LEN = 8
+
+
+@pytest.fixture(scope="module")
+def mesh_params():
+  from flax import traverse_util
+  return traverse_util.unflatten_dict(bv_fixtures.make_params(MESH_SPEC, seed=5), sep="/")
+
+
+@pytest.fixture(scope="module")
+def requests(test_image):
+  rng = np.random.default_rng(0)
+  images = [test_image, test_image[::-1], test_image[:, ::-1]] + [
+      rng.integers(0, 256, (40 + 7 * i, 50, 3)).astype(np.uint8) for i in range(BATCH - 3)]
+  prompts = ["caption en", "detect cat ; dog", "ocr", "answer en what is this ?",
+             "describe en", "caption es", "segment cat", "question en where ?"]
+  return images, prompts
+
+
+def _pipe(params, tokenizer, mesh=None):
+  from paligemma_jax.pipeline import PaliGemmaPipeline
+  return PaliGemmaPipeline(spec_config(MESH_SPEC), params, tokenizer, cache_dtype="float32",
+                           mesh=mesh)
+
+
+@pytest.fixture(scope="module")
+def pipes(mesh_params, tokenizer):
+  """mesh name -> pipeline on that mesh (one per mesh: its compiled functions are shared)."""
+  made = {}
+
+  def get(name):
+    if name not in made:
+      made[name] = _pipe(mesh_params, tokenizer, _mesh(name))
+    return made[name]
+  return get
+
+
+@pytest.fixture(scope="module")
+def single(mesh_params, tokenizer, requests):
+  """One device: the reference answers and prefill logits."""
+  import jax
+  pipe = _pipe(jax.device_put(mesh_params, jax.devices()[0]), tokenizer)
+  out = pipe.generate(*requests, max_decode_len=MAX_LEN)
+  return out, _prefill_logits(pipe, requests)
+
+
+def _prefill_logits(pipe, requests):
+  from paligemma_jax import decode
+  batch = pipe.make_batch(*requests)
+  b, t = batch["text"].shape
+  prefill, _, _ = pipe._functions(b, t, MAX_LEN, ("sample", decode.Sampler()), ())
+  if pipe.mesh is not None:
+    from paligemma_jax import sharding
+    rows = sharding.batch_sharding(b, pipe.mesh)
+    batch = {k: sharding.put_global(v, rows) for k, v in batch.items()}
+  logits, *_ = prefill(pipe.params, batch["images"], batch["text"], batch["input_mask"],
+                       batch["mask_ar"])
+  return np.asarray(logits)
+
+
+def _mesh(name):
+  from paligemma_jax import sharding
+  return sharding.make_mesh(*sharding.parse_mesh(name))
+
+
+def check_eight_devices():
+  import jax
+  assert jax.device_count() == 8 and jax.devices()[0].platform == "cpu"
+
+
+@pytest.mark.parametrize("mesh_name", MESHES)
+def check_params_follow_rules(mesh_name, mesh_params):
+  """Every array lands with its rule's spec; each device holds 1/N of each split array."""
+  import jax
+  from flax import traverse_util
+  from paligemma_jax import sharding
+  mesh = _mesh(mesh_name)
+  placed = traverse_util.flatten_dict(sharding.shard_params(mesh_params, mesh), sep="/")
+  expected_per_device = 0
+  for key, x in placed.items():
+    spec = sharding.param_spec(key, x.shape, mesh)
+    assert x.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), x.ndim), key
+    parts = int(np.prod([mesh.shape[a] for a in spec if a is not None]))
+    for shard in x.addressable_shards:
+      assert shard.data.size * parts == x.size, (key, shard.data.shape, x.shape)
+    expected_per_device += x.nbytes // parts
+  per_device = sharding.per_device_bytes(placed)
+  assert len(per_device) == 8 and set(per_device.values()) == {expected_per_device}
+  if mesh_name == "2x4":  # the table in sharding.py, spelled out
+    want = {"llm/layers/attn/q_einsum/w": (None, "model", "data"),
+            "llm/layers/attn/kv_einsum/w": (None, None, "model", "data"),
+            "llm/layers/attn/attn_vec_einsum/w": (None, "model", None, "data"),
+            "llm/layers/mlp/gating_einsum": (None, None, "data", "model"),
+            "llm/layers/mlp/linear": (None, "model", "data"),
+            "llm/embedder/input_embedding": ("model", "data"),
+            "llm/final_norm/scale": (),
+            "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel":
+                (None, "data", "model"),
+            "img/Transformer/encoderblock/MlpBlock_0/Dense_1/kernel": (None, "model", "data")}
+    for key, spec in want.items():
+      assert tuple(placed[key].sharding.spec) == spec, (key, placed[key].sharding.spec)
+  if mesh_name == "1x8":  # K=4 does not divide 8: replicated on 'model', D still on 'data'
+    assert tuple(placed["llm/layers/attn/kv_einsum/w"].sharding.spec) == (None, None, None, "data")
+
+
+@pytest.mark.parametrize("mesh_name", MESHES)
+def check_sharded_decode_matches_one_device(mesh_name, pipes, requests, single):
+  """Same tokens as one device; prefill logits within 1e-5 relative; same log-probabilities."""
+  ref, ref_logits = single
+  pipe = pipes(mesh_name)
+  out = pipe.generate(*requests, max_decode_len=MAX_LEN)
+  assert [o.tokens for o in out] == [o.tokens for o in ref]
+  assert sum(len(o.tokens) for o in out) >= BATCH  # something was generated
+  logits = _prefill_logits(pipe, requests)
+  rel = np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()
+  assert rel < 1e-5, rel
+  for o, r in zip(out, ref):
+    np.testing.assert_allclose(o.logprobs, r.logprobs, rtol=1e-5, atol=1e-5)
+
+
+# -- HLO of the decode loop.
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+               "collective-permute", "collective-broadcast", "ragged-all-to-all")
+
+
+def _computations(hlo: str):
+  comps, entry, current = {}, None, None
+  for line in hlo.splitlines():
+    head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      current = head.group(2)
+      comps[current] = []
+      entry = current if head.group(1) else entry
+    elif line.startswith("}"):
+      current = None
+    elif current is not None and line.strip():
+      comps[current].append(line.strip())
+  return comps, entry
+
+
+def _closure(comps, root):
+  """`root` and every computation it calls (fusions, reductions, nested loops, branches)."""
+  seen, todo = set(), [root]
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    for line in comps[name]:
+      for m in re.finditer(r"(?:calls|to_apply|body|condition|branch_computations)="
+                           r"\{?(%?[\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?", line):
+        todo += [c.strip().lstrip("%") for c in m.group(1).split(",")]
+  return seen
+
+
+def _shapes(text: str):
+  """Array shapes in an HLO result type: 'f32[2,1,64]{2,1,0}' or a tuple of them."""
+  return [tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\w+\[([\d,]*)\]",
+                                                                             text)]
+
+
+def decode_loop_collectives(hlo: str):
+  """-> (shape of the decode while's carry, [(op, [result shapes]) inside its body])."""
+  comps, entry = _computations(hlo)
+  loops = [line for line in comps[entry] if re.search(r"\swhile\(", line)]
+  assert loops, "no while loop at the top of the compiled decode"
+  # The decode loop is the top-level while with the largest body (others: rng splitting).
+  loop = max(loops, key=lambda l: len(_closure(comps, re.search(r"body=%?([\w.\-]+)", l).group(1))))
+  body = re.search(r"body=%?([\w.\-]+)", loop).group(1)
+  found = []
+  for name in _closure(comps, body):
+    for line in comps[name]:
+      m = re.match(r"(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([a-z][\w\-]*)\(", line)
+      if m and m.group(2).replace("-start", "").replace("-done", "") in COLLECTIVES:
+        found.append((m.group(2), _shapes(m.group(1))))
+  carry = loop.split("while(")[0]
+  return _shapes(carry), found
+
+
+def _shard_shapes(shape, mesh):
+  """Every shape `shape` takes when any of its dims is split by data, model or both."""
+  factors = sorted({1, mesh.shape["data"], mesh.shape["model"],
+                    mesh.shape["data"] * mesh.shape["model"]})
+  out = {()}
+  for d in shape:
+    out = {s + (d // f,) for s in out for f in factors if d % f == 0}
+  return out
+
+
+@pytest.mark.parametrize("mesh_name", MESHES)
+def check_decode_loop_moves_no_weights_or_cache(mesh_name, pipes, requests):
+  """Inside the compiled decode while_loop, only activation-sized collectives.
+
+  Allowed: all-reduce of partial sums (a contraction over a split axis: the model axis'
+  heads/mlp/vocab, and the data axis' D, which the weight-stationary step contracts where the
+  weights lie), all-gather / all-to-all of activations (a step's q heads, the sampled token
+  and done flag per row, per-shard argmax candidates). Forbidden (a bug): any collective
+  whose operand has the shape of a parameter or of the KV cache, whole or as a shard (FSDP
+  gathers of weights per token, cache re-layouts), or more elements than the largest
+  activation of a step (the logits of the whole batch).
+  """
+  from flax import traverse_util
+  from paligemma_jax import decode
+  pipe = pipes(mesh_name)
+  mesh = pipe.mesh
+  batch = pipe.make_batch(*requests)
+  b, t = batch["text"].shape
+  _, dec, _ = pipe._functions(b, t, MAX_LEN, ("sample", decode.Sampler()), ())
+  carry, found = decode_loop_collectives(dec.as_text())
+
+  cfg = pipe.config.llm
+  cache_len = pipe.config.num_image_tokens + t + MAX_LEN
+  cache = (cfg.depth, b, cache_len, cfg.num_kv_heads, cfg.head_dim)
+  forbidden = set()
+  for key, x in traverse_util.flatten_dict(pipe.params["llm"], sep="/").items():
+    forbidden |= _shard_shapes(x.shape, mesh) | _shard_shapes(x.shape[1:], mesh)
+  forbidden |= _shard_shapes(cache, mesh) | _shard_shapes(cache[1:], mesh)
+  limit = b * cfg.vocab_size
+  smallest_block = min([int(np.prod(x.shape[1:])) for x in
+                        traverse_util.flatten_dict(pipe.params["llm"]["layers"]).values()
+                        if x.ndim > 2] + [int(np.prod(cache[1:]))])
+  assert smallest_block > limit  # the size check separates weights from activations
+
+  assert found, "no collectives at all: the loop is not partitioned"
+  for op, shapes in found:
+    for shape in shapes:
+      assert shape not in forbidden, f"{op} of a parameter/cache-shaped {shape} in the loop"
+      assert int(np.prod(shape)) <= limit, f"{op} of {shape} in the loop exceeds {limit}"
+  ops = {op.replace("-start", "").replace("-done", "") for op, _ in found}
+  assert ops <= {"all-reduce", "all-gather", "all-to-all", "reduce-scatter",
+                 "collective-permute"}, ops
+  if mesh.shape["model"] > 1:
+    assert "all-reduce" in ops  # the Megatron partial sums
+
+  # The cache stays sharded through the loop: the carry holds its per-device block.
+  from paligemma_jax import sharding
+  spec = sharding.cache_sharding(cfg.num_kv_heads, b, mesh).spec
+  block = tuple(d // (mesh.shape[a] if a else 1)
+                for d, a in zip(cache, tuple(spec) + (None,) * (5 - len(spec))))
+  assert carry.count(block) == 2, (block, carry)  # k and v
+  if block != cache:
+    assert cache not in carry
+
+
+if INNER:
+  export_checks(globals())
+else:
+  test_on_8_devices = make_outer_test(
+      __file__, report_ids(globals(), {n: MESHES for n in (
+          "check_params_follow_rules", "check_sharded_decode_matches_one_device",
+          "check_decode_loop_moves_no_weights_or_cache")}))
+
+
+# ---------------------------------------------------------------------------
+# Single process, no mesh needed.
+
+def test_parse_mesh():
+  from paligemma_jax import sharding
+  assert sharding.parse_mesh("2x4") == (2, 4) and sharding.parse_mesh(" 8X1 ") == (8, 1)
+  assert sharding.parse_mesh(None) is None and sharding.parse_mesh("") is None
+  for bad in ("2x", "x4", "0x8", "2x4x1", "two"):
+    with pytest.raises(ValueError, match="DATAxMODEL"):
+      sharding.parse_mesh(bad)
+
+
+def test_mesh_needs_all_devices():
+  import jax
+  from paligemma_jax import sharding
+  with pytest.raises(ValueError, match="needs"):
+    sharding.make_mesh(jax.device_count() + 1, 1)
