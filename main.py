@@ -16,7 +16,25 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
     "Model/runtime settings (ml_collections); override fields with --config.NAME=VALUE.")
-_CKPT = flags.DEFINE_string("ckpt", None, "big_vision PaliGemma .npz; none = embedded tiny demo.")
+_CKPT = flags.DEFINE_string("ckpt", None, "big_vision PaliGemma .npz or Orbax directory; none = "
+                            "embedded tiny demo.")
+_IMG_CKPT = flags.DEFINE_string(
+    "img_ckpt", None, "With --ckpt=GEMMA_ORBAX_DIR (a Gemma release): the big_vision .npz whose "
+    "img/... (vision tower) completes the model, as big_vision's model_init combines them.")
+_SAVE_ORBAX = flags.DEFINE_string("save_orbax", None,
+                                  "Write the loaded model to this new Orbax checkpoint directory.")
+_ORBAX_UNMARKED_OK = flags.DEFINE_bool(
+    "orbax_unmarked_ok", False, "Accept an Orbax directory without commit_success.txt (written "
+    "by orbax before 2024); otherwise it is refused as a possibly interrupted save.")
+_MESH = flags.DEFINE_string("mesh", None, "DATAxMODEL device mesh, e.g. 2x4 (parameters FSDP over "
+                            "data and Megatron over model, batch over data); default: one device.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Multi-host: call jax.distributed.initialize() first (one "
+                                 "command per host; see README).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "--distributed: host:port of process 0 (default: detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--distributed: number of hosts.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "--distributed: this host's index.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "sentencepiece model (paligemma_tokenizer.model).")
 _IMAGE = flags.DEFINE_string("image", None, "Image file; default: the demo image in assets/.")
 _PROMPT = flags.DEFINE_string("prompt", "caption en", "Prompt (prefix), e.g. 'caption en', 'detect cat'.")
@@ -48,6 +66,10 @@ def _fail(msg):
 
 def _setup_jax(cfg):
   import jax
+  if _DISTRIBUTED.value and not getattr(_setup_jax, "distributed", False):
+    from paligemma_jax import sharding
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    _setup_jax.distributed = True
   if cfg.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -58,13 +80,30 @@ def _pipeline(cfg):
   from paligemma_jax import checkpoint, demo, paligemma
   from paligemma_jax.pipeline import PaliGemmaPipeline, as_dtype
   from paligemma_jax.tokenizer import Tokenizer
+  from paligemma_jax import orbax_io, sharding
+  try:
+    mesh = sharding.mesh_from_flag(_MESH.value)
+  except ValueError as e:
+    _fail(str(e))
   kw = dict(dtype=cfg.dtype, cache_dtype=cfg.cache_dtype, prompt_bucket=cfg.prompt_bucket)
+  kw["mesh"] = mesh
   if _CKPT.value:
     if not _TOKENIZER.value:
       _fail("--ckpt needs --tokenizer=PATH (paligemma_tokenizer.model)")
     overrides = {k: v for k, v in cfg.model.items() if v is not None}
+    unmarked_ok = _ORBAX_UNMARKED_OK.value
     try:
-      return PaliGemmaPipeline.from_files(_CKPT.value, _TOKENIZER.value, overrides=overrides, **kw), None
+      if _IMG_CKPT.value:  # a Gemma release (Orbax) + a big_vision vision tower
+        t0 = time.perf_counter()
+        tokenizer = Tokenizer(_TOKENIZER.value)  # rows it names beyond Gemma's are drawn
+        loaded = orbax_io.load_gemma_orbax(
+            _CKPT.value, _IMG_CKPT.value, dtype=as_dtype(cfg.dtype), overrides=overrides,
+            mesh=mesh, min_vocab_size=tokenizer.vocab_size,
+            require_commit_marker=not unmarked_ok)
+        return PaliGemmaPipeline(loaded.config, loaded.params, tokenizer,
+                                 load_s=time.perf_counter() - t0, **kw), None
+      return PaliGemmaPipeline.from_files(_CKPT.value, _TOKENIZER.value, overrides=overrides,
+                                          require_commit_marker=not unmarked_ok, **kw), None
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
       _fail(str(e))
   import jax
@@ -152,6 +191,12 @@ def main(argv):
   pipe, note = _pipeline(cfg)
   if note:
     print(f"note: {note}")
+  if _SAVE_ORBAX.value:  # every process calls it (each writes its own shards)
+    from paligemma_jax import orbax_io
+    try:
+      print(f"wrote {orbax_io.save(_SAVE_ORBAX.value, pipe.params)}")
+    except (ValueError, OSError) as e:
+      _fail(str(e))
   try:
     [result] = pipe.generate([img], [_PROMPT.value], max_decode_len=_MAX_LEN.value,
                              sampler=_SAMPLER.value, seed=_SEED.value,

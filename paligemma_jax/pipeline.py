@@ -65,8 +65,12 @@ class PaliGemmaPipeline:
 
   @classmethod
   def from_files(cls, ckpt: str, tokenizer: str, *, dtype="float32", overrides=None, **kw):
+    """ckpt: a big_vision `.npz` or an Orbax checkpoint directory (see `orbax_io.load`);
+    with `mesh=` each array is placed on the mesh already sharded."""
+    from paligemma_jax import orbax_io
     t0 = time.perf_counter()
-    loaded = checkpoint.load_npz(ckpt, dtype=as_dtype(dtype), overrides=overrides)
+    loaded = orbax_io.load(ckpt, dtype=as_dtype(dtype), overrides=overrides, mesh=kw.get("mesh"),
+                           require_commit_marker=kw.pop("require_commit_marker", True))
     _block(loaded.params)
     load_s = time.perf_counter() - t0
     return cls(loaded.config, loaded.params, Tokenizer(tokenizer), dtype=dtype, load_s=load_s, **kw)
