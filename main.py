@@ -42,6 +42,10 @@ _MAX_LEN = flags.DEFINE_integer("max_decode_len", 32, "Most tokens to generate."
 _SAMPLER = flags.DEFINE_string("sampler", "greedy",
                                "greedy | temperature(t) | topk(k, t) | nucleus(p, t)")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_BEAM = flags.DEFINE_integer("beam_size", 0, "Beam search with this many beams (0: sample).")
+_BEST_OF_N = flags.DEFINE_integer("best_of_n", 1,
+                                  "Draw N samples, keep the most likely (log-probability to eos).")
+_STREAM = flags.DEFINE_bool("stream", False, "Print the answer as it is produced.")
 _ANSWER_START = flags.DEFINE_string("answer_start", None, "Forced start of the answer.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write prompt, text, tokens, timing here.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
@@ -70,6 +74,8 @@ def _setup_jax(cfg):
     from paligemma_jax import sharding
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     _setup_jax.distributed = True
+  if cfg.matmul_precision:
+    jax.config.update("jax_default_matmul_precision", cfg.matmul_precision)
   if cfg.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -85,7 +91,8 @@ def _pipeline(cfg):
     mesh = sharding.mesh_from_flag(_MESH.value)
   except ValueError as e:
     _fail(str(e))
-  kw = dict(dtype=cfg.dtype, cache_dtype=cfg.cache_dtype, prompt_bucket=cfg.prompt_bucket)
+  kw = dict(dtype=cfg.dtype, cache_dtype=cfg.cache_dtype, prompt_bucket=cfg.prompt_bucket,
+            max_seq_len=cfg.max_seq_len)
   kw["mesh"] = mesh
   if _CKPT.value:
     if not _TOKENIZER.value:
@@ -197,14 +204,24 @@ def main(argv):
       print(f"wrote {orbax_io.save(_SAVE_ORBAX.value, pipe.params)}")
     except (ValueError, OSError) as e:
       _fail(str(e))
+  streamed = []
+
+  def on_token(tokens, done):  # streaming: print the text as it grows
+    if not bool(done[0]) and int(tokens[0]) != pipe.tokenizer.eos_id:
+      before = pipe.tokenizer.decode(streamed)
+      streamed.append(int(tokens[0]))
+      print(pipe.tokenizer.decode(streamed)[len(before):], end="", flush=True)
+
   try:
     [result] = pipe.generate([img], [_PROMPT.value], max_decode_len=_MAX_LEN.value,
                              sampler=_SAMPLER.value, seed=_SEED.value,
-                             answer_start=_ANSWER_START.value)
+                             answer_start=_ANSWER_START.value, beam_size=_BEAM.value,
+                             best_of_n=_BEST_OF_N.value,
+                             on_token=on_token if _STREAM.value else None)
   except ValueError as e:
     _fail(str(e))
   t = result.timing
-  print(result.text)
+  print("" if _STREAM.value else result.text)
   rate = t["generated_tokens"] / t["decode_s"] if t["decode_s"] > 0 else float("nan")
   print(f"timing: load {t['load_s']:.3f}s  compile {t['compile_s']:.3f}s  prefill "
         f"{t['prefill_s'] * 1e3:.1f}ms  decode {t['decode_s'] * 1e3:.1f}ms for "
