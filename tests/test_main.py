@@ -73,3 +73,13 @@ def test_not_an_image_file(tmp_path):
   bad.write_bytes(np.random.default_rng(0).bytes(100))
   r = run_main(f"--image={bad}", tmp_path=tmp_path)
   assert r.returncode == 2 and "x.png: not an image" in r.stderr
+
+
+def test_stream_prints_the_same_answer(tmp_path):
+  out = tmp_path / "s.json"
+  r = run_main("--stream", "--max_decode_len=6", f"--output_json={out}", tmp_path=tmp_path)
+  assert r.returncode == 0, r.stderr
+  record = json.loads(out.read_text())
+  lines = r.stdout.splitlines()
+  answer_line = lines[lines.index(next(l for l in lines if l.startswith("note:"))) + 1]
+  assert answer_line == record["text"] and len(record["tokens"]) == 6
