@@ -244,10 +244,10 @@ def _closure(comps, root):
     if name in seen or name not in comps:
       continue
     seen.add(name)
-    for line in comps[name]:
-      for m in re.finditer(r"(?:calls|to_apply|body|condition|branch_computations)="
-                           r"\{?(%?[\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?", line):
-        todo += [c.strip().lstrip("%") for c in m.group(1).split(",")]
+    for line in comps[name]:  # key=%name, or key={%a, %b} (a list only inside braces)
+      for m in re.finditer(r"\b(?:calls|to_apply|body|condition|branch_computations)="
+                           r"(?:\{([^}]*)\}|%?([\w.\-]+))", line):
+        todo += [c.strip().lstrip("%") for c in (m.group(1) or m.group(2)).split(",")]
   return seen
 
 
@@ -285,59 +285,91 @@ def _shard_shapes(shape, mesh):
   return out
 
 
-@pytest.mark.parametrize("mesh_name", MESHES)
-def check_decode_loop_moves_no_weights_or_cache(mesh_name, pipes, requests):
-  """Inside the compiled decode while_loop, only activation-sized collectives.
+def loop_violations(pipe, hlo: str, batch: int, width: int) -> list:
+  """What a compiled decode loop must not do; [] when it is clean.
 
-  Allowed: all-reduce of partial sums (a contraction over a split axis: the model axis'
-  heads/mlp/vocab, and the data axis' D, which the weight-stationary step contracts where the
-  weights lie), all-gather / all-to-all of activations (a step's q heads, the sampled token
-  and done flag per row, per-shard argmax candidates). Forbidden (a bug): any collective
-  whose operand has the shape of a parameter or of the KV cache, whole or as a shard (FSDP
-  gathers of weights per token, cache re-layouts), or more elements than the largest
-  activation of a step (the logits of the whole batch).
+  Allowed inside the while body: all-reduce of partial sums (a contraction over a split
+  axis: the model axis' heads/mlp/vocab, and the data axis' D, which the weight-stationary
+  step contracts where the weights lie), all-gather / all-to-all of activations (a step's q
+  heads, the sampled token per row, per-shard argmax candidates). Forbidden (a bug): any
+  collective whose result has the shape of a parameter or of the KV cache, whole or as a
+  shard (FSDP gathers of weights every token, cache re-layouts), or more elements than the
+  largest activation of a step (the logits of the whole batch). And the loop must carry the
+  cache in its sharded per-device block.
   """
   from flax import traverse_util
-  from paligemma_jax import decode
-  pipe = pipes(mesh_name)
-  mesh = pipe.mesh
-  batch = pipe.make_batch(*requests)
-  b, t = batch["text"].shape
-  _, dec, _ = pipe._functions(b, t, MAX_LEN, ("sample", decode.Sampler()), ())
-  carry, found = decode_loop_collectives(dec.as_text())
-
-  cfg = pipe.config.llm
-  cache_len = pipe.config.num_image_tokens + t + MAX_LEN
-  cache = (cfg.depth, b, cache_len, cfg.num_kv_heads, cfg.head_dim)
+  from paligemma_jax import sharding
+  mesh, cfg = pipe.mesh, pipe.config.llm
+  carry, found = decode_loop_collectives(hlo)
+  cache = (cfg.depth, batch, pipe.config.num_image_tokens + width + MAX_LEN, cfg.num_kv_heads,
+           cfg.head_dim)
+  weights = traverse_util.flatten_dict(pipe.params["llm"], sep="/")
   forbidden = set()
-  for key, x in traverse_util.flatten_dict(pipe.params["llm"], sep="/").items():
+  for x in weights.values():
     forbidden |= _shard_shapes(x.shape, mesh) | _shard_shapes(x.shape[1:], mesh)
   forbidden |= _shard_shapes(cache, mesh) | _shard_shapes(cache[1:], mesh)
-  limit = b * cfg.vocab_size
-  smallest_block = min([int(np.prod(x.shape[1:])) for x in
-                        traverse_util.flatten_dict(pipe.params["llm"]["layers"]).values()
-                        if x.ndim > 2] + [int(np.prod(cache[1:]))])
-  assert smallest_block > limit  # the size check separates weights from activations
+  limit = batch * cfg.vocab_size
+  smallest_block = min([int(np.prod(x.shape[1:])) for k, x in weights.items()
+                        if k.startswith("layers/") and x.ndim > 2] + [int(np.prod(cache[1:]))])
+  assert smallest_block > limit  # the size rule alone separates weights from activations
 
-  assert found, "no collectives at all: the loop is not partitioned"
+  bad = []
+  if not found:
+    bad.append("no collectives at all: the loop is not partitioned")
   for op, shapes in found:
+    kind = op.replace("-start", "").replace("-done", "")
+    if kind not in ("all-reduce", "all-gather", "all-to-all", "reduce-scatter",
+                    "collective-permute"):
+      bad.append(f"{op} in the loop")
     for shape in shapes:
-      assert shape not in forbidden, f"{op} of a parameter/cache-shaped {shape} in the loop"
-      assert int(np.prod(shape)) <= limit, f"{op} of {shape} in the loop exceeds {limit}"
-  ops = {op.replace("-start", "").replace("-done", "") for op, _ in found}
-  assert ops <= {"all-reduce", "all-gather", "all-to-all", "reduce-scatter",
-                 "collective-permute"}, ops
-  if mesh.shape["model"] > 1:
-    assert "all-reduce" in ops  # the Megatron partial sums
-
-  # The cache stays sharded through the loop: the carry holds its per-device block.
-  from paligemma_jax import sharding
-  spec = sharding.cache_sharding(cfg.num_kv_heads, b, mesh).spec
+      if shape in forbidden:
+        bad.append(f"{op} of a parameter/cache-shaped {shape} in the loop")
+      elif int(np.prod(shape)) > limit:
+        bad.append(f"{op} of {shape} in the loop: more than a step's logits ({limit})")
+  spec = sharding.cache_sharding(cfg.num_kv_heads, batch, mesh).spec
   block = tuple(d // (mesh.shape[a] if a else 1)
                 for d, a in zip(cache, tuple(spec) + (None,) * (5 - len(spec))))
-  assert carry.count(block) == 2, (block, carry)  # k and v
-  if block != cache:
-    assert cache not in carry
+  if carry.count(block) != 2:  # k and v, each in its per-device block
+    bad.append(f"the loop does not carry the cache as {block} blocks: {carry}")
+  return bad
+
+
+def _compiled_decode(pipe, requests, weight_stationary=True):
+  """-> (HLO text of the pipeline's compiled decode, batch, prompt width)."""
+  import functools
+  import jax
+  from paligemma_jax import decode
+  batch = pipe.make_batch(*requests)
+  b, t = batch["text"].shape
+  prefill, dec, _ = pipe._functions(b, t, MAX_LEN, ("sample", decode.Sampler()), ())
+  if not weight_stationary:  # the same decode on the same sharded inputs, no mesh given
+    logits, cache, valid, last = prefill.out_info
+    dec = jax.jit(functools.partial(
+        decode.decode, pipe.model, prompt_len=pipe.config.num_image_tokens + t,
+        max_decode_len=MAX_LEN, sampler=decode.Sampler(), eos_id=pipe.tokenizer.eos_id))
+    dec = dec.lower(pipe.params, logits, cache, valid, last, jax.random.PRNGKey(0)).compile()
+  return dec.as_text(), b, t
+
+
+@pytest.mark.parametrize("mesh_name", MESHES)
+def check_decode_loop_moves_no_weights_or_cache(mesh_name, pipes, requests):
+  """Inside the compiled decode while_loop, only activation-sized collectives (see
+  `loop_violations`); the model-axis matmuls' partial sums are all-reduced."""
+  pipe = pipes(mesh_name)
+  hlo, b, t = _compiled_decode(pipe, requests)
+  assert loop_violations(pipe, hlo, b, t) == []
+  ops = {op for op, _ in decode_loop_collectives(hlo)[1]}
+  if pipe.mesh.shape["model"] > 1:
+    assert any(op.startswith("all-reduce") for op in ops)  # the Megatron partial sums
+
+
+def check_loop_check_catches_fsdp_weight_gathers(pipes, requests):
+  """Negative control: the same loop without `sharding.weight_stationary` all-gathers FSDP
+  weight shards every token, and `loop_violations` says so."""
+  pipe = pipes("2x4")
+  hlo, b, t = _compiled_decode(pipe, requests, weight_stationary=False)
+  bad = loop_violations(pipe, hlo, b, t)
+  assert any("parameter/cache-shaped" in v and "all-gather" in v for v in bad), bad
 
 
 if INNER:
