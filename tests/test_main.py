@@ -83,3 +83,36 @@ def test_stream_prints_the_same_answer(tmp_path):
   lines = r.stdout.splitlines()
   answer_line = lines[lines.index(next(l for l in lines if l.startswith("note:"))) + 1]
   assert answer_line == record["text"] and len(record["tokens"]) == 6
+
+
+SEGS = "".join(f"<seg{i * 7 % 128:03d}>" for i in range(16))
+
+
+def test_render_an_answer_made_elsewhere(tmp_path):
+  """--answer draws boxes and masks without loading a model."""
+  from PIL import Image
+  from paligemma_jax import vqvae
+  vae = tmp_path / "vae.npz"
+  vqvae.save_vae(str(vae), vqvae.init_vae_params(0))
+  answer = f"<loc0100><loc0200><loc0800><loc0900>{SEGS} blue box ; <loc0300><loc0050><loc0700><loc0400> disc"
+  out = tmp_path / "pics"
+  r = run_main(f"--answer={answer}", f"--vae_ckpt={vae}", f"--output_dir={out}", tmp_path=tmp_path)
+  assert r.returncode == 0, r.stderr
+  objects = json.loads((out / "objects.json").read_text())
+  assert objects["task"] == "segment" and [o["label"] for o in objects["objects"]] == ["blue box", "disc"]
+  h, w = 240, 320  # assets/demo.png
+  np.testing.assert_allclose(objects["objects"][0]["box"], [100 / 1023 * h, 200 / 1023 * w,
+                                                            800 / 1023 * h, 900 / 1023 * w])
+  mask = Image.open(objects["objects"][0]["mask_png"])
+  assert mask.size == (w, h)
+  assert Image.open(out / "annotated.png").size == (w, h)
+
+
+def test_segment_answer_without_vae_still_writes_boxes(tmp_path):
+  out = tmp_path / "p"
+  r = run_main(f"--answer=<loc0100><loc0200><loc0800><loc0900>{SEGS} cat", f"--output_dir={out}",
+               tmp_path=tmp_path)
+  assert r.returncode == 0 and "needs --vae_ckpt" in r.stderr
+  assert json.loads((out / "objects.json").read_text())["objects"][0]["label"] == "cat"
+  r = run_main("--answer=<loc0001><loc0002><loc0003><loc0004> cat", tmp_path=tmp_path)
+  assert r.returncode == 2 and "--answer needs --output_dir" in r.stderr
