@@ -1,0 +1,137 @@
+"""Roofline arithmetic for PaliGemma prefill/decode, and in-process machine measurements.
+
+Used by benchmarks/decode.py. Everything here is counted from the shapes of a spec (the
+dict layout of tests/bv_fixtures.py), not from the model code, so it also serves as an
+independent check of what the model has to read and compute.
+
+* decode floor: every decode step must read all language-model weights once (the layers
+  plus the embedding, which is the tied logits head) and the valid part of the KV cache;
+  at the machine's memory bandwidth that takes  bytes / bandwidth  seconds per step.
+* prefill floor: the matmul FLOPs of the ViT over the image and of Gemma over image+prompt
+  (the logits head only for the last token) at the machine's dense matmul rate.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+
+# ---------------------------------------------------------------------------
+# Counting.
+
+def llm_param_count(spec: dict) -> dict:
+  """Parameter counts of the Gemma decoder by part (elements, not bytes)."""
+  d, n, k, h, f, v = (spec["llm_width"], spec["llm_heads"], spec["llm_kv_heads"],
+                      spec["head_dim"], spec["llm_mlp"], spec["vocab"])
+  norms = (4 if spec["gemma2"] else 2) * d
+  per_layer = dict(q=n * d * h, kv=2 * k * d * h, out=n * h * d, mlp=3 * d * f, norms=norms)
+  return dict(embedding=v * d, layers=spec["llm_depth"] * sum(per_layer.values()),
+              final_norm=d, per_layer=per_layer)
+
+
+def decode_bytes_per_step(spec: dict, batch: int, context: float, weight_itemsize: int,
+                          cache_itemsize: int) -> dict:
+  """Bytes one decode step must read: all LLM weights (incl. the embedding / logits head)
+  and the keys and values of `context` cache slots per row."""
+  counts = llm_param_count(spec)
+  weights = (counts["embedding"] + counts["layers"] + counts["final_norm"]) * weight_itemsize
+  kv = (batch * context * spec["llm_depth"] * 2 * spec["llm_kv_heads"] * spec["head_dim"]
+        * cache_itemsize)
+  return dict(weights=int(weights), kv_cache=int(kv), total=int(weights + kv))
+
+
+def prefill_flops(spec: dict, batch: int, prompt_len: int) -> dict:
+  """Multiply-add FLOPs (2 per MAC) of one prefill: ViT + projector + Gemma over
+  image + prompt tokens (attention over the whole prefix) + logits of the last token."""
+  p, w, m, lv = spec["patch"], spec["vit_width"], spec["vit_mlp"], spec["vit_depth"]
+  ni = (spec["image_size"] // p) ** 2
+  d, n, k, h, f, v, ll = (spec["llm_width"], spec["llm_heads"], spec["llm_kv_heads"],
+                          spec["head_dim"], spec["llm_mlp"], spec["vocab"], spec["llm_depth"])
+  vit = 2 * ni * p * p * 3 * w + lv * (2 * ni * w * 4 * w + 2 * 2 * ni * ni * w
+                                       + 2 * 2 * ni * w * m) + 2 * ni * w * d
+  s = ni + prompt_len
+  llm = ll * (2 * s * d * (n + 2 * k) * h + 2 * 2 * s * s * n * h + 2 * s * n * h * d
+              + 3 * 2 * s * d * f)
+  head = 2 * d * v
+  return dict(vit=batch * vit, llm=batch * llm, logits=batch * head,
+              total=batch * (vit + llm + head))
+
+
+# ---------------------------------------------------------------------------
+# Measuring.
+
+def _median_time(fn, reps: int) -> float:
+  fn()  # warm (page faults, compilation)
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> dict:
+  """Memory read bandwidth in bytes/s, several ways, on arrays far larger than the caches.
+
+  A decode step reads its weights and writes almost nothing, so every figure is *bytes read
+  per second*; the copies also write as much, so their read rate is a conservative one
+  (their read + write traffic is twice the figure).
+  numpy_copy: np.copyto into a preallocated array (one thread).
+  jax_copy:   a jitted x + 1 updating a donated 1 GiB buffer in place (all threads).
+  jax_sum:    a jitted sum.
+  jax_gemv:   a jitted (nbytes / 4096, 1024) float32 matrix times a vector: the access
+              pattern of a decode step and of its largest piece, the logits head.
+  best:       the largest: the fastest this process read memory, so bytes / best is a lower
+              bound on the time any code here needs to read those bytes.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  n = nbytes // 4
+  src = np.ones(n, np.float32)
+  dst = np.empty_like(src)
+  out = {"numpy_copy": nbytes / _median_time(lambda: np.copyto(dst, src), reps)}
+  del src, dst
+
+  x = [jnp.ones(n, jnp.float32)]
+  bump = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+
+  def step():
+    x[0] = bump(x[0])
+    x[0].block_until_ready()
+  out["jax_copy"] = nbytes / _median_time(step, reps)
+  total = jax.jit(jnp.sum)
+  out["jax_sum"] = nbytes / _median_time(lambda: total(x[0]).block_until_ready(), reps)
+  matrix = x[0].reshape(-1, 1024)
+  del x
+  vector = jnp.ones((1024,), jnp.float32)
+  gemv = jax.jit(lambda m, v: m @ v)
+  out["jax_gemv"] = nbytes / _median_time(lambda: gemv(matrix, vector).block_until_ready(), reps)
+  del matrix
+  out["best"] = max(out.values())
+  return out
+
+
+def measure_matmul_rate(dtype: str, n: int = 2048, reps: int = 5) -> float:
+  """FLOP/s of a jitted (n, n) @ (n, n) jnp.dot in `dtype` (2 n^3 FLOPs)."""
+  import jax
+  import jax.numpy as jnp
+
+  dt = jnp.dtype(dtype)
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32)).astype(dt)
+  b = a.T + 0
+  dot = jax.jit(jnp.dot)
+  return 2 * n ** 3 / _median_time(lambda: dot(a, b).block_until_ready(), reps)
+
+
+def measure_torch_matmul_rate(dtype: str, n: int = 2048, reps: int = 5) -> float:
+  """The same for torch (the reference's kernels), for context."""
+  import torch
+
+  dt = getattr(torch, dtype)
+  a = torch.randn(n, n).to(dt)
+  b = a.T.contiguous()
+  with torch.no_grad():
+    return 2 * n ** 3 / _median_time(lambda: a @ b, reps)
