@@ -42,6 +42,7 @@ import re
 from typing import Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -267,7 +268,10 @@ def weight_stationary(mesh: Mesh):
         and module.name in _LLM_WEIGHT_SPECS:
       eqn, x = args
       x_spec, out_spec = _einsum_specs(eqn, _LLM_WEIGHT_SPECS[module.name])
-      out = next_fun(eqn, _constrain(x, x_spec, mesh))
+      # The plain einsum, not Einsum's CPU-layout rewrite (gemma.einsum_stored_layout):
+      # its broadcast over heads would let the partitioner gather the weight instead.
+      w = module.get_variable("params", "w").astype(module.dtype)
+      out = jnp.einsum(eqn, _constrain(x, x_spec, mesh), w)
       return _constrain(out, out_spec, mesh)
     if isinstance(module, gemma.Attention) and method == "__call__" and len(args) == 5:
       # One layer's cache (B, S, K, H) stays in the loop's layout on the way in and out, so
