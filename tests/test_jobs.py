@@ -121,8 +121,7 @@ def test_rle_roundtrip():
 
 
 def test_task_fields_boxes_and_masks(monkeypatch):
-  from paligemma_jax import outputs
-  vqvae = pytest.importorskip("paligemma_jax.vqvae")
+  from paligemma_jax import outputs, vqvae
   assert jobs.task_fields("a cat", "caption en", (100, 200)) is None
   det = jobs.task_fields("<loc0000><loc0000><loc0511><loc1023> cat ; junk", "detect cat",
                          (100, 200))
