@@ -202,8 +202,9 @@ class Ours:
   """The compiled prefill and while_loop decode that PaliGemmaPipeline.generate runs."""
 
   def __init__(self, config, params, dtype, cache_dtype, batch, text_len, max_decode_len):
-    self.params = params
-    self.model = paligemma.PaliGemma(config, jnp.dtype(dtype))
+    # The pipeline's inference tree and model (per-layer language model weights).
+    self.params = params = paligemma.unstacked(params, consume=True)
+    self.model = paligemma.PaliGemma(config, jnp.dtype(dtype), scan_layers=False)
     s = config.image_size
     self.prompt_len = config.num_image_tokens + text_len
     self.cache_size = self.prompt_len + max_decode_len

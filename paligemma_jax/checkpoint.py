@@ -256,7 +256,7 @@ def load_npz(path: str, dtype=jnp.float32, overrides: Optional[Mapping] = None,
 def save_npz(path: str, params, dtype: str = "float32"):
   """Writes params in big_vision's layout (`params/...`; bfloat16 as void of 2 bytes)."""
   flat = {}
-  for key, value in traverse_util.flatten_dict(params, sep="/").items():
+  for key, value in traverse_util.flatten_dict(paligemma.stacked(params), sep="/").items():
     a = np.asarray(value)
     if dtype == "bfloat16":
       a = a.astype(ml_dtypes.bfloat16).view("V2")

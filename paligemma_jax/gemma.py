@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 RMS_EPS = 1e-6
 ROPE_BASE = 10_000
@@ -121,13 +122,15 @@ class Embedder(nn.Module):
 class Attention(nn.Module):
   config: GemmaConfig
   dtype: jnp.dtype
+  layer: Optional[int] = None  # set: the cache holds every layer, (L, B, S_cache, K, H)
 
   @nn.compact
   def __call__(self, x, positions, mask, cache, write_index):
     """x: (B,T,D); mask: (B,T,S), S = T (attend to these inputs) or S = cache size.
 
-    cache: None or {"k", "v"}: (B, S_cache, K, H). The new keys/values are written
-    at `write_index`; when the mask spans the cache, attention reads the whole cache.
+    cache: None or {"k", "v"}: (B, S_cache, K, H), or (L, B, S_cache, K, H) when `layer` is
+    set. The new keys/values are written at `write_index` (in place, in layer `layer`);
+    when the mask spans the cache, attention reads the whole cache.
     """
     c = self.config
     n, k_heads, h, d = c.num_heads, c.num_kv_heads, c.head_dim, c.width
@@ -141,12 +144,14 @@ class Attention(nn.Module):
 
     new_cache = None
     if cache is not None:
-      idx = (0, write_index, 0, 0)
-      new_cache = {
-          "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx),
-          "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)}
-      if mask.shape[-1] == cache["k"].shape[1]:
-        k, v = new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype)
+      stacked = self.layer is not None
+      idx = ((self.layer,) if stacked else ()) + (0, write_index, 0, 0)
+      write = lambda c, new: jax.lax.dynamic_update_slice(
+          c, (new[None] if stacked else new).astype(c.dtype), idx)
+      new_cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+      if mask.shape[-1] == cache["k"].shape[-3]:
+        read = lambda c: (c[self.layer] if stacked else c).astype(self.dtype)
+        k, v = read(new_cache["k"]), read(new_cache["v"])
 
     b, t = q.shape[:2]
     q = q.reshape(b, t, k_heads, n // k_heads, h)
@@ -179,15 +184,20 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-  """One decoder layer; scanned, so it maps (x, cache slice) -> (x, new cache slice)."""
+  """One decoder layer: (x, cache) -> (x, new cache).
+
+  Scanned (layer None) it sees its own cache slice; unrolled, the whole stacked cache.
+  """
   config: GemmaConfig
   dtype: jnp.dtype
+  layer: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, cache, positions, mask, write_index):
     c = self.config
     y = RMSNorm(name="pre_attention_norm")(x)
-    y, new_cache = Attention(c, self.dtype, name="attn")(y, positions, mask, cache, write_index)
+    y, new_cache = Attention(c, self.dtype, self.layer, name="attn")(
+        y, positions, mask, cache, write_index)
     if c.post_norms:
       y = RMSNorm(name="post_attention_norm")(y)
     x = x + y
@@ -199,19 +209,29 @@ class Block(nn.Module):
 
 
 class Gemma(nn.Module):
-  """Decoder over already-embedded inputs; the caller embeds text and images."""
+  """Decoder over already-embedded inputs; the caller embeds text and images.
+
+  scan_layers=True: big_vision's tree, one `layers` subtree stacked over depth (L, ...).
+  scan_layers=False: the inference layout, `layers_0` ... `layers_{L-1}` (see
+  `unstack_layers`). Scanning slices every layer's weights out of the stacked arrays, a
+  copy of the whole model per decode step that costs more than the step's own reads.
+  """
   config: GemmaConfig
   dtype: jnp.dtype = jnp.float32
+  scan_layers: bool = True
 
   def setup(self):
     c = self.config
     self.embedder = Embedder(c.vocab_size, c.width, self.dtype)
-    self.layers = nn.scan(
-        Block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=c.depth)(c, self.dtype)
+    if self.scan_layers:
+      self.layers = nn.scan(
+          Block,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=c.depth)(c, self.dtype)
+    else:
+      self.layers = [Block(c, self.dtype, layer=i) for i in range(c.depth)]
     self.final_norm = RMSNorm()
 
   def embed(self, tokens):
@@ -222,12 +242,51 @@ class Gemma(nn.Module):
 
     cache: None or {"k", "v"} of shape (L, B, S, K, H).
     """
-    x, new_cache = self.layers(x.astype(self.dtype), cache, positions, mask, write_index)
-    return self.final_norm(x), new_cache
+    x = x.astype(self.dtype)
+    if self.scan_layers:
+      x, cache = self.layers(x, cache, positions, mask, write_index)
+    else:
+      for block in self.layers:
+        x, cache = block(x, cache, positions, mask, write_index)
+    return self.final_norm(x), cache
 
   def logits(self, hidden):
     """(B, T, D) -> float32 (B, T, V), final softcap applied when configured."""
     return softcap(self.embedder.decode(hidden), self.config.final_logits_softcap)
+
+
+def unstack_layers(llm_params: dict, consume: bool = False) -> dict:
+  """big_vision's `llm` tree (stacked `layers`) -> the scan_layers=False tree (`layers_i`).
+
+  consume=True pops `layers` from `llm_params` and drops each stacked array once it is
+  split, so at most one array exists twice at any time (the caller must hold no other
+  reference); otherwise the input is left intact.
+  """
+  if "layers" not in llm_params:
+    return llm_params
+  src = llm_params if consume else dict(llm_params)
+  flat = traverse_util.flatten_dict(src.pop("layers"))
+  depth = next(iter(flat.values())).shape[0]
+  per_layer = [{} for _ in range(depth)]
+  for key in list(flat):
+    stacked = flat.pop(key)
+    for i in range(depth):
+      per_layer[i][key] = stacked[i]
+    del stacked
+  out = dict(src)
+  for i, layer in enumerate(per_layer):
+    out[f"layers_{i}"] = traverse_util.unflatten_dict(layer)
+  return out
+
+
+def stack_layers(llm_params: dict) -> dict:
+  """The inverse of `unstack_layers` (a tree already stacked is returned as is)."""
+  names = sorted((k for k in llm_params if k.startswith("layers_")), key=lambda k: int(k[7:]))
+  if not names:
+    return llm_params
+  out = {k: v for k, v in llm_params.items() if not k.startswith("layers_")}
+  out["layers"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[llm_params[n] for n in names])
+  return out
 
 
 def init_cache(config: GemmaConfig, batch: int, size: int, dtype) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from paligemma_jax import checkpoint, sharding
+from paligemma_jax import checkpoint, paligemma, sharding
 from paligemma_jax.checkpoint import CheckpointError, Loaded
 
 COMMIT_MARKER = "commit_success.txt"   # orbax's atomicity_types.COMMIT_SUCCESS_FILE
@@ -117,7 +117,8 @@ def _target(mesh, key: str, shape) -> jax.sharding.Sharding:
 # PaliGemma in big_vision's tree.
 
 def save(path, params, *, overwrite: bool = False) -> str:
-  """Writes `params` (nested `img/...`, `llm/...`, sharded or not) as an Orbax checkpoint.
+  """Writes `params` (nested `img/...`, `llm/...`, sharded or not; big_vision's tree or the
+  pipeline's unstacked one) as an Orbax checkpoint in big_vision's tree.
 
   Atomic: orbax writes a temporary directory, commits it (`commit_success.txt`), then renames
   it to `path`. Every process must call it (multi-host: each writes its own shards).
@@ -127,7 +128,7 @@ def save(path, params, *, overwrite: bool = False) -> str:
   if os.path.exists(path) and not overwrite:
     raise CheckpointError(f"{path}: already exists; choose a new directory (or overwrite=True)")
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, params, force=overwrite)
+    ckptr.save(path, paligemma.stacked(params), force=overwrite)
     ckptr.wait_until_finished()
   return path
 

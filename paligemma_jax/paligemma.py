@@ -42,12 +42,14 @@ def make_attn_mask(input_mask, mask_ar):
 
 
 class PaliGemma(nn.Module):
+  """scan_layers: False takes the inference tree (`unstacked`), True big_vision's."""
   config: PaliGemmaConfig
   dtype: jnp.dtype = jnp.float32
+  scan_layers: bool = True
 
   def setup(self):
     self.img = vit_lib.ViT(self.config.vit, self.dtype)
-    self.llm = gemma_lib.Gemma(self.config.llm, self.dtype)
+    self.llm = gemma_lib.Gemma(self.config.llm, self.dtype, self.scan_layers)
 
   def embed_image_and_text(self, images, text):
     """images (B,S,S,3) in [-1,1], text (B,T) -> (B, Ni+T, D). Image tokens are not scaled."""
@@ -99,6 +101,18 @@ class PaliGemma(nn.Module):
     x = self.llm.embed(tokens[:, None])
     hidden, cache = self.llm(x, positions[:, None], cache_valid[:, None, :], cache, write_index)
     return self.llm.logits(hidden)[:, 0], cache
+
+
+def unstacked(params: dict, consume: bool = False) -> dict:
+  """big_vision's tree -> the inference tree of `PaliGemma(scan_layers=False)`: `llm/layers`
+  split into `llm/layers_0` ... (the vision tower stays scanned: it runs once per prompt).
+  consume: see `gemma.unstack_layers`."""
+  return {**params, "llm": gemma_lib.unstack_layers(params["llm"], consume)}
+
+
+def stacked(params: dict) -> dict:
+  """Either tree -> big_vision's (what checkpoints hold)."""
+  return {**params, "llm": gemma_lib.stack_layers(params["llm"])}
 
 
 def _init(config: PaliGemmaConfig, seed: int):

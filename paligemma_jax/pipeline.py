@@ -53,6 +53,8 @@ class PaliGemmaPipeline:
           f"embedding has only {config.llm.vocab_size} rows")
     self.config = config
     self.mesh = mesh  # jax.sharding.Mesh ('data', 'model') or None (one device)
+    # The inference tree (`paligemma.unstacked`); `paligemma.stacked` gives big_vision's back.
+    params = paligemma.unstacked(params)
     self.params = params if mesh is None else sharding.shard_params(params, mesh)
     self.tokenizer = tokenizer
     self.dtype = as_dtype(dtype)
@@ -60,7 +62,7 @@ class PaliGemmaPipeline:
     self.prompt_bucket = prompt_bucket
     self.max_seq_len = max_seq_len
     self.load_s = load_s
-    self.model = paligemma.PaliGemma(config, self.dtype)
+    self.model = paligemma.PaliGemma(config, self.dtype, scan_layers=False)
     self._compiled = {}
 
   @classmethod
@@ -71,9 +73,11 @@ class PaliGemmaPipeline:
     t0 = time.perf_counter()
     loaded = orbax_io.load(ckpt, dtype=as_dtype(dtype), overrides=overrides, mesh=kw.get("mesh"),
                            require_commit_marker=kw.pop("require_commit_marker", True))
-    _block(loaded.params)
+    config, params = loaded.config, paligemma.unstacked(loaded.params, consume=True)
+    del loaded
+    _block(params)
     load_s = time.perf_counter() - t0
-    return cls(loaded.config, loaded.params, Tokenizer(tokenizer), dtype=dtype, load_s=load_s, **kw)
+    return cls(config, params, Tokenizer(tokenizer), dtype=dtype, load_s=load_s, **kw)
 
   # -------------------------------------------------------------------------
 

@@ -277,10 +277,11 @@ def weight_stationary(mesh: Mesh):
       # One layer's cache (B, S, K, H) stays in the loop's layout on the way in and out, so
       # the layer scan never re-lays it out (e.g. when K does not divide the model axis).
       x, positions, mask, cache, write_index = args
-      layer = _cache_spec(module.config.num_kv_heads, x.shape[0], mesh)[1:]
-      cache = jax.tree_util.tree_map(lambda c: _constrain(c, layer, mesh), cache)
+      spec = _cache_spec(module.config.num_kv_heads, x.shape[0], mesh)
+      spec = spec if module.layer is not None else spec[1:]  # whole cache or one layer's
+      cache = jax.tree_util.tree_map(lambda c: _constrain(c, spec, mesh), cache)
       out, new_cache = next_fun(x, positions, mask, cache, write_index)
-      return out, jax.tree_util.tree_map(lambda c: _constrain(c, layer, mesh), new_cache)
+      return out, jax.tree_util.tree_map(lambda c: _constrain(c, spec, mesh), new_cache)
     if isinstance(module, gemma.FeedForward) and method == "__call__" and len(args) == 1:
       (x,) = args  # (B, T, D): gating_einsum (2, D over data, F over model)
       out = next_fun(_constrain(x, (None, None, DATA), mesh))

@@ -257,6 +257,22 @@ def _shapes(text: str):
                                                                              text)]
 
 
+def _collectives(lines):
+  found = []
+  for line in lines:
+    m = re.match(r"(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([a-z][\w\-]*)\(", line)
+    if m and m.group(2).replace("-start", "").replace("-done", "") in COLLECTIVES:
+      found.append((m.group(2), _shapes(m.group(1))))
+  return found
+
+
+def entry_collectives(hlo: str):
+  """[(op, [result shapes])] at the top level of the compiled decode, outside any loop: where
+  XLA hoists loop-invariant work, e.g. gathering layer weights once before the loop."""
+  comps, entry = _computations(hlo)
+  return _collectives(comps[entry])
+
+
 def decode_loop_collectives(hlo: str):
   """-> (shape of the decode while's carry, [(op, [result shapes]) inside its body])."""
   comps, entry = _computations(hlo)
@@ -265,12 +281,7 @@ def decode_loop_collectives(hlo: str):
   # The decode loop is the top-level while with the largest body (others: rng splitting).
   loop = max(loops, key=lambda l: len(_closure(comps, re.search(r"body=%?([\w.\-]+)", l).group(1))))
   body = re.search(r"body=%?([\w.\-]+)", loop).group(1)
-  found = []
-  for name in _closure(comps, body):
-    for line in comps[name]:
-      m = re.match(r"(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([a-z][\w\-]*)\(", line)
-      if m and m.group(2).replace("-start", "").replace("-done", "") in COLLECTIVES:
-        found.append((m.group(2), _shapes(m.group(1))))
+  found = [c for name in _closure(comps, body) for c in _collectives(comps[name])]
   carry = loop.split("while(")[0]
   return _shapes(carry), found
 
@@ -294,8 +305,11 @@ def loop_violations(pipe, hlo: str, batch: int, width: int) -> list:
   heads, the sampled token per row, per-shard argmax candidates). Forbidden (a bug): any
   collective whose result has the shape of a parameter or of the KV cache, whole or as a
   shard (FSDP gathers of weights every token, cache re-layouts), or more elements than the
-  largest activation of a step (the logits of the whole batch). And the loop must carry the
-  cache in its sharded per-device block.
+  largest activation of a step (the logits of the whole batch). Also forbidden before the
+  loop: a parameter- or cache-shaped collective there is XLA hoisting the same gathers out of
+  the loop (the language model's layers are loop-invariant arrays), which holds gathered
+  weights on every device for the whole decode. And the loop must carry the cache in its
+  sharded per-device block.
   """
   from flax import traverse_util
   from paligemma_jax import sharding
@@ -305,12 +319,14 @@ def loop_violations(pipe, hlo: str, batch: int, width: int) -> list:
            cfg.head_dim)
   weights = traverse_util.flatten_dict(pipe.params["llm"], sep="/")
   forbidden = set()
-  for x in weights.values():
-    forbidden |= _shard_shapes(x.shape, mesh) | _shard_shapes(x.shape[1:], mesh)
+  # One layer's block: a per-layer array (`layers_i/`) whole, a stacked one (`layers/`) sliced.
+  blocks = [x.shape[1:] if k.startswith("layers/") else x.shape for k, x in weights.items()]
+  for x, block in zip(weights.values(), blocks):
+    forbidden |= _shard_shapes(x.shape, mesh) | _shard_shapes(block, mesh)
   forbidden |= _shard_shapes(cache, mesh) | _shard_shapes(cache[1:], mesh)
   limit = batch * cfg.vocab_size
-  smallest_block = min([int(np.prod(x.shape[1:])) for k, x in weights.items()
-                        if k.startswith("layers/") and x.ndim > 2] + [int(np.prod(cache[1:]))])
+  smallest_block = min([int(np.prod(b)) for k, b in zip(weights, blocks)
+                        if k.startswith("layers") and len(b) > 1] + [int(np.prod(cache[1:]))])
   assert smallest_block > limit  # the size rule alone separates weights from activations
 
   bad = []
@@ -326,6 +342,9 @@ def loop_violations(pipe, hlo: str, batch: int, width: int) -> list:
         bad.append(f"{op} of a parameter/cache-shaped {shape} in the loop")
       elif int(np.prod(shape)) > limit:
         bad.append(f"{op} of {shape} in the loop: more than a step's logits ({limit})")
+  for op, shapes in entry_collectives(hlo):
+    bad += [f"{op} of a parameter/cache-shaped {shape} before the loop" for shape in shapes
+            if shape in forbidden]
   spec = sharding.cache_sharding(cfg.num_kv_heads, batch, mesh).spec
   block = tuple(d // (mesh.shape[a] if a else 1)
                 for d, a in zip(cache, tuple(spec) + (None,) * (5 - len(spec))))
