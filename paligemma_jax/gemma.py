@@ -64,15 +64,44 @@ class RMSNorm(nn.Module):
     return (normed * (1 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
+# A product with few rows (decoding) is bound by reading the weight; contracting the major
+# axis of a (D_in, D_out) weight in one dot reaches ~45% of memory bandwidth on XLA's CPU
+# backend, in 8 chunks summed afterwards ~100% (benchmarks/README.md). Many rows (prefill)
+# are bound by arithmetic, and one long contraction is then best.
+DECODE_ROWS = 16
+DECODE_CHUNKS = 8  # a power of two
+
+
+def contract_stored(x, w):
+  """x (X, I), w (G, I, O) -> (X, G, O) = x @ w[g] for each g, reading w as stored.
+
+  A matmul batched over G (and, for few rows, over chunks of I), so XLA's CPU dot reads
+  each (I, O) block where it lies: no transposed or sliced copy of w per call.
+  """
+  rows, (g, i, o) = x.shape[0], w.shape
+  chunks = 1
+  if rows <= DECODE_ROWS:  # halve I while blocks stay >= 512 KiB of float32 (smaller: slower)
+    while chunks < DECODE_CHUNKS and i % (2 * chunks) == 0 and i // (2 * chunks) * o >= 2**17:
+      chunks *= 2
+  xs = x.reshape(rows, chunks, i // chunks).transpose(1, 0, 2)  # (c, X, I/c)
+  xs = jnp.broadcast_to(xs[None], (g, chunks, rows, i // chunks))
+  out = jnp.einsum("BXI,BIO->BXO", xs.reshape(g * chunks, rows, i // chunks),
+                   w.reshape(g * chunks, i // chunks, o))
+  out = out.reshape(g, chunks, rows, o)
+  while out.shape[1] > 1:  # pairwise adds: XLA hands a reduce to YNNPACK, ~0.3 ms a call here
+    half = out.shape[1] // 2
+    out = out[:, :half] + out[:, half:]
+  return out[:, 0].transpose(1, 0, 2)
+
+
 def project_heads(x, w):
-  """x (B,T,D), w (N,D,H) -> (B,T,N,H), as a matmul batched over the heads."""
+  """x (B,T,D), w (N,D,H) -> (B,T,N,H)."""
   b, t, d = x.shape
-  xs = jnp.broadcast_to(x.reshape(1, b * t, d), (w.shape[0], b * t, d))
-  return jnp.einsum("NXD,NDH->XNH", xs, w).reshape(b, t, w.shape[0], w.shape[2])
+  return contract_stored(x.reshape(b * t, d), w).reshape(b, t, w.shape[0], w.shape[2])
 
 
 def einsum_stored_layout(eqn, x, w):
-  """jnp.einsum(eqn, x, w), phrased so that XLA's CPU dot reads w as stored.
+  """jnp.einsum(eqn, x, w), phrased so that XLA's CPU dot reads w as stored (`contract_stored`).
 
   Written plainly, the head projections and the stacked q/k/v weights make XLA copy a
   transposed weight on every call, which in decoding costs more than the product itself
@@ -81,10 +110,13 @@ def einsum_stored_layout(eqn, x, w):
   if eqn == "BTD,NDH->BTNH":
     return project_heads(x, w)
   if eqn in ("BTD,SNDH->SBTNH", "BSD,CKDH->CBSKH"):  # stacked (q, k, v) or (k, v)
-    return jnp.stack([project_heads(x, w[i]) for i in range(w.shape[0])])
-  if eqn == "BTNH,NHD->BTD":  # (N, H, D) viewed as (N*H, D) is free
+    # (S, N, D, H) viewed as (S*N, D, H) is free; slicing w[i] would copy it every call.
+    s, n, d, h = w.shape
+    out = project_heads(x, w.reshape(s * n, d, h))
+    return jnp.moveaxis(out.reshape(*x.shape[:2], s, n, h), 2, 0)
+  if eqn == "BTNH,NHD->BTD":  # (N, H, D) viewed as (1, N*H, D) is free
     b, t, n, h = x.shape
-    return jnp.einsum("BTX,XD->BTD", x.reshape(b, t, n * h), w.reshape(n * h, w.shape[-1]))
+    return contract_stored(x.reshape(b * t, n * h), w.reshape(1, n * h, -1)).reshape(b, t, -1)
   return jnp.einsum(eqn, x, w)
 
 
@@ -174,13 +206,13 @@ class FeedForward(nn.Module):
   def __call__(self, x):
     w_gating = self.param("gating_einsum", nn.initializers.normal(), (2, self.width, self.mlp_dim))
     w_linear = self.param("linear", nn.initializers.normal(), (self.mlp_dim, self.width))
-    w_gating = w_gating.astype(self.dtype)
-    # Two products rather than one einsum over the stacked (2, D, F): the batched form makes
-    # XLA's CPU dot copy a transposed weight on every call.
-    gate = jnp.einsum("BTD,DF->BTF", x, w_gating[0])
-    up = jnp.einsum("BTD,DF->BTF", x, w_gating[1])
-    hidden = nn.gelu(gate, approximate=True) * up
-    return jnp.einsum("BTF,FD->BTD", hidden, w_linear.astype(self.dtype))
+    # As the head projections, a matmul batched over the stacked (gate, up): the plain
+    # einsum makes XLA's CPU dot copy a transposed weight, and w[0], w[1] copy slices.
+    gate_up = project_heads(x, w_gating.astype(self.dtype))  # (B, T, 2, F)
+    hidden = nn.gelu(gate_up[:, :, 0], approximate=True) * gate_up[:, :, 1]
+    b, t, f = hidden.shape
+    out = contract_stored(hidden.reshape(b * t, f), w_linear.astype(self.dtype)[None])
+    return out.reshape(b, t, -1)
 
 
 class Block(nn.Module):
