@@ -203,8 +203,9 @@ class Ours:
 
   def __init__(self, config, params, dtype, cache_dtype, batch, text_len, max_decode_len):
     # The pipeline's inference tree and model (per-layer language model weights).
-    self.params = params = paligemma.unstacked(params, consume=True)
-    self.model = paligemma.PaliGemma(config, jnp.dtype(dtype), scan_layers=False)
+    self.params = params = paligemma.unstacked(params, consume=True, out_major=True)
+    self.model = paligemma.PaliGemma(config, jnp.dtype(dtype), scan_layers=False,
+                                     out_major=True)
     s = config.image_size
     self.prompt_len = config.num_image_tokens + text_len
     self.cache_size = self.prompt_len + max_decode_len

@@ -42,14 +42,16 @@ def make_attn_mask(input_mask, mask_ar):
 
 
 class PaliGemma(nn.Module):
-  """scan_layers: False takes the inference tree (`unstacked`), True big_vision's."""
+  """scan_layers: True takes big_vision's tree, False the inference tree of `unstacked`
+  (out_major: of `unstacked(out_major=True)`)."""
   config: PaliGemmaConfig
   dtype: jnp.dtype = jnp.float32
   scan_layers: bool = True
+  out_major: bool = False
 
   def setup(self):
     self.img = vit_lib.ViT(self.config.vit, self.dtype)
-    self.llm = gemma_lib.Gemma(self.config.llm, self.dtype, self.scan_layers)
+    self.llm = gemma_lib.Gemma(self.config.llm, self.dtype, self.scan_layers, self.out_major)
 
   def embed_image_and_text(self, images, text):
     """images (B,S,S,3) in [-1,1], text (B,T) -> (B, Ni+T, D). Image tokens are not scaled."""
@@ -103,11 +105,11 @@ class PaliGemma(nn.Module):
     return self.llm.logits(hidden)[:, 0], cache
 
 
-def unstacked(params: dict, consume: bool = False) -> dict:
+def unstacked(params: dict, consume: bool = False, out_major: bool = False) -> dict:
   """big_vision's tree -> the inference tree of `PaliGemma(scan_layers=False)`: `llm/layers`
   split into `llm/layers_0` ... (the vision tower stays scanned: it runs once per prompt).
-  consume: see `gemma.unstack_layers`."""
-  return {**params, "llm": gemma_lib.unstack_layers(params["llm"], consume)}
+  out_major, consume: see `gemma.unstack_layers`."""
+  return {**params, "llm": gemma_lib.unstack_layers(params["llm"], consume, out_major)}
 
 
 def stacked(params: dict) -> dict:

@@ -54,7 +54,11 @@ class PaliGemmaPipeline:
     self.config = config
     self.mesh = mesh  # jax.sharding.Mesh ('data', 'model') or None (one device)
     # The inference tree (`paligemma.unstacked`); `paligemma.stacked` gives big_vision's back.
-    params = paligemma.unstacked(params)
+    # One device: layer weights out-major, the layout XLA's CPU dot reads fastest at few
+    # rows. A mesh keeps the stored layout, the one `sharding.RULES` and
+    # `sharding.weight_stationary` describe.
+    self.out_major = mesh is None
+    params = paligemma.unstacked(params, out_major=self.out_major)
     self.params = params if mesh is None else sharding.shard_params(params, mesh)
     self.tokenizer = tokenizer
     self.dtype = as_dtype(dtype)
@@ -62,7 +66,8 @@ class PaliGemmaPipeline:
     self.prompt_bucket = prompt_bucket
     self.max_seq_len = max_seq_len
     self.load_s = load_s
-    self.model = paligemma.PaliGemma(config, self.dtype, scan_layers=False)
+    self.model = paligemma.PaliGemma(config, self.dtype, scan_layers=False,
+                                     out_major=self.out_major)
     self._compiled = {}
 
   @classmethod
@@ -73,7 +78,8 @@ class PaliGemmaPipeline:
     t0 = time.perf_counter()
     loaded = orbax_io.load(ckpt, dtype=as_dtype(dtype), overrides=overrides, mesh=kw.get("mesh"),
                            require_commit_marker=kw.pop("require_commit_marker", True))
-    config, params = loaded.config, paligemma.unstacked(loaded.params, consume=True)
+    config = loaded.config
+    params = paligemma.unstacked(loaded.params, consume=True, out_major=kw.get("mesh") is None)
     del loaded
     _block(params)
     load_s = time.perf_counter() - t0

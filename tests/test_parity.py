@@ -60,17 +60,27 @@ def _inputs(tokenizer, test_image, spec, suffix_len=6, seed=0):
   return pixels, text, mask_ar
 
 
-def _our_logits(loaded, pixels, text, mask_ar, dtype=jnp.float32):
-  model = paligemma.PaliGemma(loaded.config, dtype)
-  return np.asarray(model.apply({"params": loaded.params}, pixels, text, mask_ar))
+# The trees a model runs on: big_vision's (scanned layers), per-layer (a pipeline on a mesh)
+# and per-layer out-major (a pipeline on one device).
+LAYOUTS = {"big_vision": {}, "per_layer": dict(scan_layers=False, out_major=False),
+           "out_major": dict(scan_layers=False, out_major=True)}
 
 
+def _our_logits(loaded, pixels, text, mask_ar, dtype=jnp.float32, layout="big_vision"):
+  kw = LAYOUTS[layout]
+  params = paligemma.unstacked(loaded.params, out_major=kw["out_major"]) if kw else loaded.params
+  model = paligemma.PaliGemma(loaded.config, dtype, **kw)
+  return np.asarray(model.apply({"params": params}, pixels, text, mask_ar))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", SPEC_NAMES)
-def test_float32_logits_match_reference(name, ckpt_path, flat_params, hf_models, tokenizer, test_image):
+def test_float32_logits_match_reference(name, layout, ckpt_path, flat_params, hf_models,
+                                        tokenizer, test_image):
   spec = bv_fixtures.SPECS[name]
   loaded = checkpoint.load_npz(ckpt_path(name), overrides=spec_overrides(spec))
   pixels, text, mask_ar = _inputs(tokenizer, test_image, spec)
-  ours = _our_logits(loaded, pixels, text, mask_ar)
+  ours = _our_logits(loaded, pixels, text, mask_ar, layout=layout)
   ref = hf_reference.hf_logits(_hf(hf_models, flat_params, name), pixels, text, mask_ar)
   assert ours.shape == ref.shape == (1, bv_fixtures.spec_image_tokens(spec) + text.shape[1],
                                      spec["vocab"])

@@ -1,0 +1,96 @@
+"""The inference trees (`paligemma.unstacked`) and the CPU-layout products they run on."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import bv_fixtures
+from conftest import SPEC_NAMES, spec_config
+from paligemma_jax import checkpoint, gemma, paligemma
+
+
+def _flat(tree):
+  return traverse_util.flatten_dict(tree, sep="/")
+
+
+@pytest.mark.parametrize("out_major", [False, True])
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_unstacked_tree_shapes_and_exact_round_trip(name, out_major):
+  spec = bv_fixtures.SPECS[name]
+  config = spec_config(spec)
+  params = paligemma.init_params(config, seed=3)
+  inference = _flat(paligemma.unstacked(params, out_major=out_major))
+  stacked = _flat(params)
+  depth = config.llm.depth
+  assert not any(k.startswith("llm/layers/") for k in inference)
+  for key, value in stacked.items():
+    if not key.startswith("llm/layers/"):
+      assert inference[key] is value  # nothing but the language-model layers changes
+      continue
+    name_in_layer = key[len("llm/layers/"):]
+    for i in range(depth):
+      perm = gemma.OUT_MAJOR.get(name_in_layer) if out_major else None
+      got = inference[f"llm/layers_{i}/{name_in_layer}" + (gemma.OUT_MAJOR_SUFFIX if perm else "")]
+      want = np.asarray(value[i]) if perm is None else np.transpose(np.asarray(value[i]), perm)
+      assert got.shape == want.shape
+      np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{key} layer {i}")
+  back = _flat(paligemma.stacked(paligemma.unstacked(params, out_major=out_major)))
+  assert set(back) == set(stacked)
+  for key in stacked:
+    np.testing.assert_array_equal(np.asarray(back[key]), np.asarray(stacked[key]), err_msg=key)
+
+
+def test_model_init_builds_the_inference_tree_it_reads():
+  config = spec_config(bv_fixtures.SPECS["pg2_gqa"])
+  params = paligemma.init_params(config)
+  for kw in (dict(out_major=False), dict(out_major=True)):
+    s = config.image_size
+    fresh = paligemma.PaliGemma(config, scan_layers=False, **kw).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)), jnp.zeros((1, 2), jnp.int32),
+        jnp.zeros((1, 2), jnp.int32))["params"]
+    want = {k: v.shape for k, v in _flat(paligemma.unstacked(params, **kw)).items()}
+    assert {k: v.shape for k, v in _flat(fresh).items()} == want
+
+
+def test_consume_drops_the_stacked_layers_from_the_input():
+  config = spec_config(bv_fixtures.SPECS["pg1_mqa"])
+  params = paligemma.init_params(config)
+  kept = paligemma.unstacked(params)
+  assert "layers" in params["llm"] and "layers_0" in kept["llm"]
+  paligemma.unstacked(params, consume=True)
+  assert "layers" not in params["llm"]  # no reference left to keep the stacked arrays alive
+
+
+def test_save_npz_of_an_inference_tree_writes_big_vision_layout(tmp_path):
+  spec = bv_fixtures.SPECS["pg2_gqa"]
+  params = paligemma.init_params(spec_config(spec), seed=1)
+  path = tmp_path / "ckpt.npz"
+  checkpoint.save_npz(path, paligemma.unstacked(params, out_major=True))
+  loaded = checkpoint.load_npz(path)
+  for key, want in _flat(params).items():
+    np.testing.assert_array_equal(np.asarray(_flat(loaded.params)[key]), np.asarray(want))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+@pytest.mark.parametrize("shape", [(2, 1024, 512), (1, 2048, 256), (3, 64, 32), (1, 1000, 300)])
+def test_contract_stored_equals_einsum(rows, shape):
+  """Chunked (rows <= 16 and big blocks: the first two shapes split 4 ways) or not."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((rows, shape[1])).astype(np.float32)
+  w = rng.standard_normal(shape).astype(np.float32)
+  got = np.asarray(gemma.contract_stored(jnp.asarray(x), jnp.asarray(w)))
+  want = np.einsum("xi,gio->xgo", x.astype(np.float64), w.astype(np.float64))
+  assert got.shape == (rows, shape[0], shape[2])
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("rows", [1, 8, 40])
+def test_contract_out_major_equals_matmul(rows):
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((rows, 384)).astype(np.float32)
+  w = rng.standard_normal((200, 384)).astype(np.float32)
+  got = np.asarray(jax.jit(gemma.contract_out_major)(jnp.asarray(x), jnp.asarray(w)))
+  want = x.astype(np.float64) @ w.T.astype(np.float64)
+  assert got.shape == (rows, 200)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
