@@ -133,12 +133,14 @@ OUT_MAJOR_SUFFIX = "_out_major"
 
 
 def contract_out_major(x, w):
-  """x (X, I), w (O, I) -> (X, O) as the product (O, I) @ (I, X).
+  """x (X, I), w (O, I) -> (X, O), for few rows as the product (O, I) @ (I, X).
 
-  With a few rows, XLA's CPU dot runs this 2-3x faster than (X, I) @ (I, O) (measured at
+  With a few rows, XLA's CPU dot runs that 2-3x faster than (X, I) @ (I, O) (measured at
   8 rows). The barriers keep layout assignment from folding the activation transposes into
   the dot, which turns it back into the slow form.
   """
+  if x.shape[0] > DECODE_ROWS:  # bound by arithmetic (prefill): the plain product is as fast
+    return jnp.einsum("XI,OI->XO", x, w)
   barrier = jax.lax.optimization_barrier
   return barrier(jnp.einsum("OI,IX->OX", w, barrier(x.T))).T
 
@@ -197,6 +199,11 @@ class Embedder(nn.Module):
     return logits.T.reshape(b, t, -1)
 
 
+def take_rows(x, index):
+  """x (B, T, ...), index (B,) int -> (B, 1, ...): row index[b] of each batch row b."""
+  return jnp.take_along_axis(x, index.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)
+
+
 class Attention(nn.Module):
   config: GemmaConfig
   dtype: jnp.dtype
@@ -204,23 +211,30 @@ class Attention(nn.Module):
   out_major: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache, write_index):
+  def __call__(self, x, positions, mask, cache, write_index, keep=None):
     """x: (B,T,D); mask: (B,T,S), S = T (attend to these inputs) or S = cache size.
 
     cache: None or {"k", "v"}: (B, S_cache, K, H), or (L, B, S_cache, K, H) when `layer` is
     set. The new keys/values are written at `write_index` (in place, in layer `layer`);
     when the mask spans the cache, attention reads the whole cache.
+    keep: None, or (B,) the one query row per batch row to compute (keys and values are
+    still made for all T): the output is then (B, 1, D).
     """
     c = self.config
     n, k_heads, h, d = c.num_heads, c.num_kv_heads, c.head_dim, c.width
+    q_positions = positions if keep is None else take_rows(positions, keep)
+    if keep is not None:
+      mask = take_rows(mask, keep)
     if n == k_heads:
       q, k, v = Einsum((3, n, d, h), self.dtype, self.out_major,
                        name="qkv_einsum")("BTD,SNDH->SBTNH", x)
+      q = q if keep is None else take_rows(q, keep)
     else:
-      q = Einsum((n, d, h), self.dtype, self.out_major, name="q_einsum")("BTD,NDH->BTNH", x)
+      q = Einsum((n, d, h), self.dtype, self.out_major, name="q_einsum")(
+          "BTD,NDH->BTNH", x if keep is None else take_rows(x, keep))
       k, v = Einsum((2, k_heads, d, h), self.dtype, self.out_major,
                     name="kv_einsum")("BSD,CKDH->CBSKH", x)
-    q = apply_rope(q, positions) * jnp.asarray(c.query_pre_attn_scalar**-0.5, self.dtype)
+    q = apply_rope(q, q_positions) * jnp.asarray(c.query_pre_attn_scalar**-0.5, self.dtype)
     k = apply_rope(k, positions)
 
     new_cache = None
@@ -288,11 +302,14 @@ class Block(nn.Module):
   out_major: bool = False
 
   @nn.compact
-  def __call__(self, x, cache, positions, mask, write_index):
+  def __call__(self, x, cache, positions, mask, write_index, keep=None):
+    """keep: see `Attention`; the residual stream then continues for those rows only."""
     c = self.config
     y = RMSNorm(name="pre_attention_norm")(x)
     y, new_cache = Attention(c, self.dtype, self.layer, self.out_major, name="attn")(
-        y, positions, mask, cache, write_index)
+        y, positions, mask, cache, write_index, keep)
+    if keep is not None:
+      x = take_rows(x, keep)
     if c.post_norms:
       y = RMSNorm(name="post_attention_norm")(y)
     x = x + y
@@ -335,17 +352,22 @@ class Gemma(nn.Module):
   def embed(self, tokens):
     return self.embedder.encode(tokens)
 
-  def __call__(self, x, positions, mask, cache=None, write_index=0):
+  def __call__(self, x, positions, mask, cache=None, write_index=0, keep=None):
     """x: (B,T,D) embedded inputs -> (final-normed hidden (B,T,D), new cache).
 
     cache: None or {"k", "v"} of shape (L, B, S, K, H).
+    keep: None, or (B,) int: return only that position's hidden state per row, (B, 1, D).
+    Unrolled, the last layer then computes its query, attention output and MLP for those
+    rows alone (every layer's keys and values are still computed for all T).
     """
     x = x.astype(self.dtype)
     if self.scan_layers:
       x, cache = self.layers(x, cache, positions, mask, write_index)
+      x = x if keep is None else take_rows(x, keep)
     else:
-      for block in self.layers:
-        x, cache = block(x, cache, positions, mask, write_index)
+      for i, block in enumerate(self.layers):
+        last = i == len(self.layers) - 1
+        x, cache = block(x, cache, positions, mask, write_index, keep if last else None)
     return self.final_norm(x), cache
 
   def logits(self, hidden):

@@ -85,11 +85,11 @@ class PaliGemma(nn.Module):
     x = self.embed_image_and_text(images, text)
     input_mask, mask_ar = self._full_masks(text, input_mask, mask_ar)
     positions = jnp.cumsum(input_mask, axis=1) - 1
-    hidden, cache = self.llm(x, positions, make_attn_mask(input_mask, mask_ar), cache, 0)
     seq_len = input_mask.shape[1]
     last = jnp.sum(input_mask, axis=1) - 1  # index of the last real token; equals its position
     # Real tokens are contiguous from 0 (right padding), so the last one sits at `last`.
-    hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+    hidden_last, cache = self.llm(x, positions, make_attn_mask(input_mask, mask_ar), cache, 0,
+                                  keep=last)
     logits = self.llm.logits(hidden_last)[:, 0]
     cache_size = cache["k"].shape[2]
     cache_valid = jnp.pad(input_mask, ((0, 0), (0, cache_size - seq_len)))
