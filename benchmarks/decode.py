@@ -35,7 +35,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 import roofline  # noqa: E402
-from paligemma_jax import decode, gemma, paligemma, vit  # noqa: E402
+from paligemma_jax import decode, paligemma  # noqa: E402
+from specs import spec_config  # noqa: E402 (tests/specs.py)
 
 EOS, PAD, BOS = 1, 0, 2
 
@@ -55,21 +56,6 @@ PRESETS = {
                vit_mlp=4304, llm_width=2048, llm_depth=18, llm_heads=8, llm_kv_heads=1,
                head_dim=256, llm_mlp=16384, vocab=257152, **_GEMMA1),
 }
-
-
-def spec_config(spec: dict) -> paligemma.PaliGemmaConfig:
-  return paligemma.PaliGemmaConfig(
-      vit=vit.ViTConfig(image_size=spec["image_size"], patch=spec["patch"],
-                        width=spec["vit_width"], depth=spec["vit_depth"],
-                        mlp_dim=spec["vit_mlp"], num_heads=spec["vit_heads"],
-                        out_dim=spec["llm_width"]),
-      llm=gemma.GemmaConfig(width=spec["llm_width"], depth=spec["llm_depth"],
-                            mlp_dim=spec["llm_mlp"], num_heads=spec["llm_heads"],
-                            num_kv_heads=spec["llm_kv_heads"], head_dim=spec["head_dim"],
-                            vocab_size=spec["vocab"], post_norms=spec["gemma2"],
-                            attn_logits_softcap=spec["attn_logits_softcap"],
-                            final_logits_softcap=spec["final_logits_softcap"],
-                            query_scale=spec["query_pre_attn_norm"]))
 
 
 def log(*a):

@@ -273,14 +273,15 @@ def weight_stationary(mesh: Mesh):
       w = module.get_variable("params", "w").astype(module.dtype)
       out = jnp.einsum(eqn, _constrain(x, x_spec, mesh), w)
       return _constrain(out, out_spec, mesh)
-    if isinstance(module, gemma.Attention) and method == "__call__" and len(args) == 5:
-      # One layer's cache (B, S, K, H) stays in the loop's layout on the way in and out, so
-      # the layer scan never re-lays it out (e.g. when K does not divide the model axis).
-      x, positions, mask, cache, write_index = args
+    if isinstance(module, gemma.Attention) and method == "__call__" and len(args) == 6 \
+        and args[5] is None:
+      # The cache stays in the loop's layout on the way in and out, so the layers never
+      # re-lay it out (e.g. when K does not divide the model axis).
+      x, positions, mask, cache, write_index, _ = args
       spec = _cache_spec(module.config.num_kv_heads, x.shape[0], mesh)
       spec = spec if module.layer is not None else spec[1:]  # whole cache or one layer's
       cache = jax.tree_util.tree_map(lambda c: _constrain(c, spec, mesh), cache)
-      out, new_cache = next_fun(x, positions, mask, cache, write_index)
+      out, new_cache = next_fun(x, positions, mask, cache, write_index, None)
       return out, jax.tree_util.tree_map(lambda c: _constrain(c, spec, mesh), new_cache)
     if isinstance(module, gemma.FeedForward) and method == "__call__" and len(args) == 1:
       (x,) = args  # (B, T, D): gating_einsum (2, D over data, F over model)

@@ -10,26 +10,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bv_fixtures  # noqa: E402
-from paligemma_jax import gemma, paligemma, vit  # noqa: E402
 from paligemma_jax.tokenizer import Tokenizer, train_tiny_tokenizer  # noqa: E402
+from specs import spec_config  # noqa: E402,F401 (tests import it from here)
 
 SPEC_NAMES = tuple(bv_fixtures.SPECS)
-
-
-def spec_config(spec) -> paligemma.PaliGemmaConfig:
-  """The architecture a spec describes, written from the spec (not inferred)."""
-  return paligemma.PaliGemmaConfig(
-      vit=vit.ViTConfig(image_size=spec["image_size"], patch=spec["patch"],
-                        width=spec["vit_width"], depth=spec["vit_depth"],
-                        mlp_dim=spec["vit_mlp"], num_heads=spec["vit_heads"],
-                        out_dim=spec["llm_width"]),
-      llm=gemma.GemmaConfig(width=spec["llm_width"], depth=spec["llm_depth"],
-                            mlp_dim=spec["llm_mlp"], num_heads=spec["llm_heads"],
-                            num_kv_heads=spec["llm_kv_heads"], head_dim=spec["head_dim"],
-                            vocab_size=spec["vocab"], post_norms=spec["gemma2"],
-                            attn_logits_softcap=spec["attn_logits_softcap"],
-                            final_logits_softcap=spec["final_logits_softcap"],
-                            query_scale=spec["query_pre_attn_norm"]))
 
 
 @pytest.fixture(scope="session")
