@@ -84,9 +84,10 @@ ITEMSIZE = {"float32": 4, "bfloat16": 2}
 
 
 def memory_needed(spec, dtype, hf_dtype) -> int:
-  """Peak estimate: ours and HF resident, plus the largest transient of building them."""
+  """Peak estimate: ours and HF (hf_dtype None: not built) resident, plus the largest
+  transient of building them."""
   n = param_count(spec)
-  resident = n * ITEMSIZE[dtype] + n * ITEMSIZE[hf_dtype]
+  resident = n * ITEMSIZE[dtype] + (n * ITEMSIZE[hf_dtype] if hf_dtype else 0)
   if dtype == "bfloat16":
     # XLA:CPU computes bfloat16 dots in float32 and keeps float32 copies of the weights while
     # ours runs (measured: 3b in bfloat16, 5.8 GB of weights, peaks at about 20 GB alone).
@@ -323,7 +324,7 @@ def main(argv=None):
       machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
                    jax=jax.__version__, backend=jax.default_backend()))
 
-  need, avail = memory_needed(spec, args.dtype, "float32" if args.skip_hf else hf_dtype), \
+  need, avail = memory_needed(spec, args.dtype, None if args.skip_hf else hf_dtype), \
       available_bytes()
   if need > avail:
     msg = (f"skipped: preset {args.preset} with dtype {args.dtype} / HF {hf_dtype} needs about "

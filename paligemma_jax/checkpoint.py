@@ -225,11 +225,14 @@ class Loaded:
 
 
 def load_npz(path: str, dtype=jnp.float32, overrides: Optional[Mapping] = None,
-             place: Optional[Callable[[str, np.ndarray], jax.Array]] = None) -> Loaded:
+             place: Optional[Callable[[str, np.ndarray], jax.Array]] = None,
+             unstack: bool = False, out_major: bool = False) -> Loaded:
   """Loads a big_vision PaliGemma `.npz` (float32, float16 or bfloat16; with or without `params/`).
 
   dtype: the parameter dtype on device (each array is cast as it is placed).
   place: optional `(key, host_array) -> jax.Array`, e.g. a sharded device_put.
+  unstack, out_major: return the inference tree (`paligemma.unstacked`) instead, each layer
+  sliced from the memory-mapped member and placed on its own, so no stacked copy is made.
   """
   path = os.fspath(path)
   arrays = {}
@@ -246,10 +249,14 @@ def load_npz(path: str, dtype=jnp.float32, overrides: Optional[Mapping] = None,
   flat = {}
   for key in sorted(arrays):
     host = arrays.pop(key)  # drop our reference as soon as it is on the device
-    if host.dtype != np.dtype(dtype):
-      host = host.astype(dtype)
-    flat[key] = place(key, host)
-    del host
+    pieces = [(key, host)]
+    if unstack and key.startswith("llm/layers/"):
+      pieces = [(f"llm/layers_{i}/{name}", a) for i, (name, a) in enumerate(
+          gemma.split_layers(key[len("llm/layers/"):], host, out_major))]
+    for piece_key, piece in pieces:
+      piece = np.ascontiguousarray(piece, dtype=dtype)
+      flat[piece_key] = place(piece_key, piece)
+    del host, pieces, piece
   return Loaded(config, traverse_util.unflatten_dict(flat, sep="/"), path)
 
 

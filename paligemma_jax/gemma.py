@@ -375,13 +375,22 @@ class Gemma(nn.Module):
     return softcap(self.embedder.decode(hidden), self.config.final_logits_softcap)
 
 
+def split_layers(name: str, stacked, out_major: bool = False):
+  """One stacked layer array `name` (below `layers/`, e.g. "mlp/linear"), (L, ...) ->
+  [(name in layer i's tree, its array)] for i < L; a numpy array (e.g. memory-mapped) or a
+  jax.Array. out_major: the arrays named in `OUT_MAJOR` are transposed (`<name>_out_major`)."""
+  perm = OUT_MAJOR.get(name) if out_major else None
+  if perm is None:
+    return [(name, stacked[i]) for i in range(stacked.shape[0])]
+  return [(name + OUT_MAJOR_SUFFIX, stacked[i].transpose(perm)) for i in range(stacked.shape[0])]
+
+
 def unstack_layers(llm_params: dict, consume: bool = False, out_major: bool = False) -> dict:
   """big_vision's `llm` tree (stacked `layers`) -> the scan_layers=False tree (`layers_i`).
 
-  out_major: also transpose the layer weights named in `OUT_MAJOR` (as `<name>_out_major`).
-  consume=True pops `layers` from `llm_params` and drops each stacked array once it is
-  split, so at most one array exists twice at any time (the caller must hold no other
-  reference); otherwise the input is left intact.
+  out_major: see `split_layers`. consume=True pops `layers` from `llm_params` and drops each
+  stacked array once it is split, so at most one array exists twice at any time (the caller
+  must hold no other reference); otherwise the input is left intact.
   """
   if "layers" not in llm_params:
     return llm_params
@@ -391,11 +400,8 @@ def unstack_layers(llm_params: dict, consume: bool = False, out_major: bool = Fa
   per_layer = [{} for _ in range(depth)]
   for key in list(flat):
     stacked = flat.pop(key)
-    for i in range(depth):
-      if out_major and key in OUT_MAJOR:
-        per_layer[i][key + OUT_MAJOR_SUFFIX] = jnp.transpose(stacked[i], OUT_MAJOR[key])
-      else:
-        per_layer[i][key] = stacked[i]
+    for i, (name, array) in enumerate(split_layers(key, stacked, out_major)):
+      per_layer[i][name] = array
     del stacked
   out = dict(src)
   for i, layer in enumerate(per_layer):

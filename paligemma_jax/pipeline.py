@@ -73,13 +73,23 @@ class PaliGemmaPipeline:
   @classmethod
   def from_files(cls, ckpt: str, tokenizer: str, *, dtype="float32", overrides=None, **kw):
     """ckpt: a big_vision `.npz` or an Orbax checkpoint directory (see `orbax_io.load`);
-    with `mesh=` each array is placed on the mesh already sharded."""
+    with `mesh=` each array is placed on the mesh already sharded.
+
+    An `.npz` on one device goes straight into the inference tree, layer by layer off the
+    memory map; otherwise each stacked array is split after loading (one extra array alive
+    at a time)."""
     from paligemma_jax import orbax_io
     t0 = time.perf_counter()
-    loaded = orbax_io.load(ckpt, dtype=as_dtype(dtype), overrides=overrides, mesh=kw.get("mesh"),
-                           require_commit_marker=kw.pop("require_commit_marker", True))
+    one_device = kw.get("mesh") is None
+    require_commit_marker = kw.pop("require_commit_marker", True)
+    if one_device and not orbax_io.is_orbax_path(ckpt):  # split layer by layer off the mmap
+      loaded = checkpoint.load_npz(ckpt, dtype=as_dtype(dtype), overrides=overrides,
+                                   unstack=True, out_major=True)
+    else:
+      loaded = orbax_io.load(ckpt, dtype=as_dtype(dtype), overrides=overrides, mesh=kw.get("mesh"),
+                             require_commit_marker=require_commit_marker)
     config = loaded.config
-    params = paligemma.unstacked(loaded.params, consume=True, out_major=kw.get("mesh") is None)
+    params = paligemma.unstacked(loaded.params, consume=True, out_major=one_device)
     del loaded
     _block(params)
     load_s = time.perf_counter() - t0
