@@ -160,8 +160,7 @@ class Einsum(nn.Module):
     if not self.out_major:
       w = self.param("w", nn.initializers.normal(), self.shape)
       return einsum_stored_layout(eqn, x, w.astype(self.dtype))
-    perm = {"BTD,NDH->BTNH": (0, 2, 1), "BTD,SNDH->SBTNH": (0, 1, 3, 2),
-            "BSD,CKDH->CBSKH": (0, 1, 3, 2), "BTNH,NHD->BTD": (2, 0, 1)}[eqn]
+    perm = OUT_MAJOR[f"attn/{self.name}/w"]
     w = self.param("w" + OUT_MAJOR_SUFFIX, nn.initializers.normal(),
                    tuple(self.shape[i] for i in perm)).astype(self.dtype)
     b, t = x.shape[:2]
@@ -275,8 +274,8 @@ class FeedForward(nn.Module):
     if self.out_major:
       w_gating = self.param("gating_einsum" + OUT_MAJOR_SUFFIX, init, (2, f, d))
       w_linear = self.param("linear" + OUT_MAJOR_SUFFIX, init, (d, f))
-      gate_up = contract_out_major(x.reshape(b * t, d), w_gating.astype(self.dtype).reshape(2 * f, d))
-      gate_up = gate_up.reshape(b, t, 2, f)
+      w_gating = w_gating.astype(self.dtype).reshape(2 * f, d)
+      gate_up = contract_out_major(x.reshape(b * t, d), w_gating).reshape(b, t, 2, f)
     else:
       w_gating = self.param("gating_einsum", init, (2, d, f))
       w_linear = self.param("linear", init, (f, d))
