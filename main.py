@@ -107,8 +107,7 @@ def _pipeline(cfg):
             _CKPT.value, _IMG_CKPT.value, dtype=as_dtype(cfg.dtype), overrides=overrides,
             mesh=mesh, min_vocab_size=tokenizer.vocab_size,
             require_commit_marker=not unmarked_ok)
-        return PaliGemmaPipeline(loaded.config, loaded.params, tokenizer,
-                                 load_s=time.perf_counter() - t0, **kw), None
+        return PaliGemmaPipeline.from_loaded(loaded, tokenizer, t0=t0, **kw), None
       return PaliGemmaPipeline.from_files(_CKPT.value, _TOKENIZER.value, overrides=overrides,
                                           require_commit_marker=not unmarked_ok, **kw), None
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:

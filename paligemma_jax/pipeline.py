@@ -88,12 +88,16 @@ class PaliGemmaPipeline:
     else:
       loaded = orbax_io.load(ckpt, dtype=as_dtype(dtype), overrides=overrides, mesh=kw.get("mesh"),
                              require_commit_marker=require_commit_marker)
-    config = loaded.config
-    params = paligemma.unstacked(loaded.params, consume=True, out_major=one_device)
-    del loaded
+    return cls.from_loaded(loaded, Tokenizer(tokenizer), dtype=dtype, t0=t0, **kw)
+
+  @classmethod
+  def from_loaded(cls, loaded: checkpoint.Loaded, tokenizer: Tokenizer, *, t0=None, **kw):
+    """A pipeline that takes over `loaded` (a checkpoint.Loaded): its stacked layers are split
+    one array at a time and dropped from it. t0: perf_counter() when loading began."""
+    params = paligemma.unstacked(loaded.params, consume=True, out_major=kw.get("mesh") is None)
     _block(params)
-    load_s = time.perf_counter() - t0
-    return cls(config, params, Tokenizer(tokenizer), dtype=dtype, load_s=load_s, **kw)
+    load_s = 0.0 if t0 is None else time.perf_counter() - t0
+    return cls(loaded.config, params, tokenizer, load_s=load_s, **kw)
 
   # -------------------------------------------------------------------------
 
