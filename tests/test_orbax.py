@@ -316,3 +316,24 @@ if INNER:
   export_checks(globals())
 else:
   test_on_8_devices = make_outer_test(__file__, report_ids(globals()))
+
+
+def test_cli_gemma_release_plus_vision_tower_answers_as_the_npz(tmp_path, flat_params,
+                                                                 ckpt_path, tokenizer):
+  """main.py --ckpt=<Gemma release> --img_ckpt=<npz>: the same greedy tokens as the npz."""
+  import json
+  gemma_dir = write_gemma_release(tmp_path / "gemma", dict(flat_params["pg1_mqa"]),
+                                  transpose_gating=False)
+  answers = {}
+  for name, ckpt_args in {"npz": [f"--ckpt={ckpt_path('pg1_mqa')}"],
+                          "release": [f"--ckpt={gemma_dir}",
+                                      f"--img_ckpt={ckpt_path('pg1_mqa')}"]}.items():
+    out = tmp_path / f"{name}.json"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *ckpt_args,
+                        f"--tokenizer={tokenizer.path}", "--max_decode_len=8",
+                        "--config.cache_dtype=float32", f"--output_json={out}"],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", HOME=str(tmp_path)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    answers[name] = json.loads(out.read_text())["tokens"]
+  assert len(answers["npz"]) > 0 and answers["release"] == answers["npz"]
