@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from paligemma_jax import cpu_matvec
+
 RMS_EPS = 1e-6
 ROPE_BASE = 10_000
 MASK_VALUE = -2.3819763e38  # big_vision's "minus infinity" that keeps softmax finite
@@ -132,17 +134,25 @@ OUT_MAJOR = {"attn/q_einsum/w": (0, 2, 1),             # (N, D, H) -> (N, H, D)
 OUT_MAJOR_SUFFIX = "_out_major"
 
 
-def contract_out_major(x, w):
-  """x (X, I), w (O, I) -> (X, O), for few rows as the product (O, I) @ (I, X).
+def contract_out_major(x, w, out_dtype=None):
+  """x (X, I), w (O, I) as stored -> (X, O) in out_dtype (default x's), computed in x's dtype.
 
-  With a few rows, XLA's CPU dot runs that 2-3x faster than (X, I) @ (I, O) (measured at
-  8 rows). The barriers keep layout assignment from folding the activation transposes into
-  the dot, which turns it back into the slow form.
+  Few rows: a bfloat16 w goes to `cpu_matvec` on the CPU (widened in registers: XLA would
+  widen it in a pass of its own); otherwise the product is phrased (O, I) @ (I, X), which
+  XLA's CPU dot runs 2-3x faster than (X, I) @ (I, O) (measured at 8 rows). The barriers
+  keep layout assignment from folding the activation transposes into the dot, which turns
+  it back into the slow form.
   """
-  if x.shape[0] > DECODE_ROWS:  # bound by arithmetic (prefill): the plain product is as fast
-    return jnp.einsum("XI,OI->XO", x, w)
+  out_dtype = out_dtype or x.dtype
+  rows = x.shape[0]
+  if rows <= DECODE_ROWS and w.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" \
+      and cpu_matvec.available():
+    return cpu_matvec.matvec(x, w).astype(out_dtype)
+  w = w.astype(x.dtype)
+  if rows > DECODE_ROWS:  # bound by arithmetic (prefill): the plain product is as fast
+    return jnp.einsum("XI,OI->XO", x, w, preferred_element_type=out_dtype)
   barrier = jax.lax.optimization_barrier
-  return barrier(jnp.einsum("OI,IX->OX", w, barrier(x.T))).T
+  return barrier(jnp.einsum("OI,IX->OX", w, barrier(x.T), preferred_element_type=out_dtype)).T
 
 
 class Einsum(nn.Module):
@@ -162,7 +172,7 @@ class Einsum(nn.Module):
       return einsum_stored_layout(eqn, x, w.astype(self.dtype))
     perm = OUT_MAJOR[f"attn/{self.name}/w"]
     w = self.param("w" + OUT_MAJOR_SUFFIX, nn.initializers.normal(),
-                   tuple(self.shape[i] for i in perm)).astype(self.dtype)
+                   tuple(self.shape[i] for i in perm))  # contract_out_major casts it
     b, t = x.shape[:2]
     if eqn == "BTNH,NHD->BTD":
       return contract_out_major(x.reshape(b * t, -1), w.reshape(w.shape[0], -1)).reshape(b, t, -1)
@@ -188,14 +198,24 @@ class Embedder(nn.Module):
   def decode(self, x):
     """(B, T, D) -> float32 logits (B, T, V) through the tied embedding."""
     b, t, d = x.shape
-    # Vocabulary-major (V, BT), the embedding read as stored: at 8 rows 2x faster on XLA's
-    # CPU dot than (BT, V). The barriers keep layout assignment from folding the two
-    # transposes into the dot, which would undo that.
-    barrier = jax.lax.optimization_barrier
-    logits = barrier(jnp.einsum("VD,DX->VX", self.input_embedding.astype(self.dtype),
-                                barrier(x.reshape(b * t, d).T),
-                                preferred_element_type=jnp.float32))
-    return logits.T.reshape(b, t, -1)
+    # The embedding (V, D) is already out-major: read as stored, vocabulary-major.
+    logits = contract_out_major(x.reshape(b * t, d), self.input_embedding, jnp.float32)
+    return logits.reshape(b, t, -1)
+
+
+def update_in_place(buffer, update, index):
+  """dynamic_update_slice(buffer, update cast to buffer's dtype, index), in place.
+
+  XLA's CPU backend widens a 16-bit float update-slice to float32, the whole buffer and back
+  (a copy of the stacked cache per layer and step); on the 16-bit integer view it writes in
+  place, and the bitcasts are free on every backend.
+  """
+  update = update.astype(buffer.dtype)
+  if buffer.dtype.itemsize != 2 or not jnp.issubdtype(buffer.dtype, jnp.floating):
+    return jax.lax.dynamic_update_slice(buffer, update, index)
+  bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16)
+  written = jax.lax.dynamic_update_slice(bits(buffer), bits(update), index)
+  return jax.lax.bitcast_convert_type(written, buffer.dtype)
 
 
 def take_rows(x, index):
@@ -240,8 +260,7 @@ class Attention(nn.Module):
     if cache is not None:
       stacked = self.layer is not None
       idx = ((self.layer,) if stacked else ()) + (0, write_index, 0, 0)
-      write = lambda c, new: jax.lax.dynamic_update_slice(
-          c, (new[None] if stacked else new).astype(c.dtype), idx)
+      write = lambda c, new: update_in_place(c, new[None] if stacked else new, idx)
       new_cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
       if mask.shape[-1] == cache["k"].shape[-3]:
         read = lambda c: (c[self.layer] if stacked else c).astype(self.dtype)
@@ -274,8 +293,8 @@ class FeedForward(nn.Module):
     if self.out_major:
       w_gating = self.param("gating_einsum" + OUT_MAJOR_SUFFIX, init, (2, f, d))
       w_linear = self.param("linear" + OUT_MAJOR_SUFFIX, init, (d, f))
-      w_gating = w_gating.astype(self.dtype).reshape(2 * f, d)
-      gate_up = contract_out_major(x.reshape(b * t, d), w_gating).reshape(b, t, 2, f)
+      gate_up = contract_out_major(x.reshape(b * t, d), w_gating.reshape(2 * f, d))
+      gate_up = gate_up.reshape(b, t, 2, f)
     else:
       w_gating = self.param("gating_einsum", init, (2, d, f))
       w_linear = self.param("linear", init, (f, d))
@@ -284,7 +303,7 @@ class FeedForward(nn.Module):
       gate_up = project_heads(x, w_gating.astype(self.dtype))  # (B, T, 2, F)
     hidden = (nn.gelu(gate_up[:, :, 0], approximate=True) * gate_up[:, :, 1]).reshape(b * t, f)
     if self.out_major:
-      out = contract_out_major(hidden, w_linear.astype(self.dtype))
+      out = contract_out_major(hidden, w_linear)
     else:
       out = contract_stored(hidden, w_linear.astype(self.dtype)[None])
     return out.reshape(b, t, d)

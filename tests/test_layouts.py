@@ -94,3 +94,20 @@ def test_contract_out_major_equals_matmul(rows):
   want = x.astype(np.float64) @ w.T.astype(np.float64)
   assert got.shape == (rows, 200)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.int32])
+def test_cache_update_is_exact_and_in_place(dtype):
+  """update_in_place writes what dynamic_update_slice writes, and XLA's CPU backend never
+  widens a 16-bit cache to float32 to do it (which copies the whole stacked cache)."""
+  shape = (4, 2, 64, 1, 32)  # (L, B, S, K, H)
+  cache = jnp.asarray(np.random.default_rng(0).standard_normal(shape) * 8).astype(dtype)
+  new = jnp.asarray(np.random.default_rng(1).standard_normal((1, 2, 1, 1, 32)) * 8, jnp.float32)
+  write = jax.jit(lambda c, n, i: gemma.update_in_place(c, n, (2, 0, i, 0, 0)), donate_argnums=0)
+  want = jax.lax.dynamic_update_slice(cache, new.astype(dtype), (2, 0, 5, 0, 0))
+  hlo = write.lower(cache, new, 5).compile().as_text()
+  got = write(jnp.array(cache), new, 5)
+  assert got.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  whole = ",".join(map(str, shape))
+  assert f"f32[{whole}]" not in hlo or dtype == jnp.float32, "the cache was widened to float32"

@@ -1,0 +1,174 @@
+// y (X, O) float32 = x (X, I) float32 . w (O, I) bfloat16, for few rows X (decoding).
+//
+// Why a kernel: on CPUs without bfloat16 arithmetic XLA widens bfloat16 weights to float32
+// in a pass of its own before the dot, so a bfloat16 decode step reads and writes more bytes
+// than a float32 one. Here each weight row is widened in registers (a bfloat16 is the top
+// half of a float32) and read from memory once, for all X rows.
+//
+// Built by cpu_matvec.py with the compiler of the machine (-march=native) and registered as
+// the XLA FFI target "paligemma_bf16_matvec" on the CPU platform.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+constexpr int kStep = 2 * kLanes;  // weights widened at a time
+constexpr int kOut = 4;            // weight rows read side by side
+constexpr int kPrefetch = 512;     // elements ahead in each weight row (1 KiB)
+typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
+typedef uint32_t Words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// 32 bfloat16 weights as two float32 vectors without a shuffle: each 32-bit word holds
+// weights 2k (low half) and 2k + 1 (high half), so a shift gives the even ones and a mask
+// the odd ones. x is packed to match (`Pack`).
+inline void Widen(const uint16_t* w, Floats& even, Floats& odd) {
+  Words bits;
+  std::memcpy(&bits, w, sizeof(bits));
+  const Words lo = bits << 16, hi = bits & 0xFFFF0000u;
+  std::memcpy(&even, &lo, sizeof(even));
+  std::memcpy(&odd, &hi, sizeof(odd));
+}
+
+inline float Widen1(uint16_t w) {
+  uint32_t bits = uint32_t(w) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline Floats Load(const float* x) {
+  Floats f;
+  std::memcpy(&f, x, sizeof(f));
+  return f;
+}
+
+// Halving sums: a chain of 16 scalar adds would cost more than a row of 1024 weights.
+inline float Sum(Floats v) {
+  float lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof(lanes));
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  return lanes[0];
+}
+
+// The R x OW block of y at rows [r0, r0 + R) and outputs [o, o + OW): each vector of x is
+// loaded once for OW weight rows, and each widened weight vector used for R rows of x.
+template <int R, int OW>
+inline void Block(const float* x, const float* packed, const uint16_t* w, float* y, int64_t n,
+                  int64_t num_out, int64_t r0, int64_t o) {
+  Floats acc[R][OW] = {};
+  const int64_t body = n - n % kStep;
+  for (int64_t i = 0; i < body; i += kStep) {
+    Floats even[OW], odd[OW];
+    for (int j = 0; j < OW; ++j) {
+      __builtin_prefetch(w + (o + j) * n + i + kPrefetch);
+      Widen(w + (o + j) * n + i, even[j], odd[j]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float* xr = packed + (r0 + r) * body + i;
+      const Floats xe = Load(xr), xo = Load(xr + kLanes);
+      for (int j = 0; j < OW; ++j) acc[r][j] += xe * even[j];
+      for (int j = 0; j < OW; ++j) acc[r][j] += xo * odd[j];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < OW; ++j) {
+      float s = Sum(acc[r][j]);
+      for (int64_t i = body; i < n; ++i) s += x[(r0 + r) * n + i] * Widen1(w[(o + j) * n + i]);
+      y[(r0 + r) * num_out + o + j] = s;
+    }
+  }
+}
+
+// x (X, I) with each group of 32 reordered as its 16 even then its 16 odd elements (the
+// tail of I % 32 left out): the order in which `Widen` yields the weights.
+std::vector<float> Pack(const float* x, int64_t rows, int64_t n) {
+  const int64_t body = n - n % kStep;
+  std::vector<float> packed(rows * body);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < body; i += kStep)
+      for (int k = 0; k < kLanes; ++k) {
+        packed[r * body + i + k] = x[r * n + i + 2 * k];
+        packed[r * body + i + kLanes + k] = x[r * n + i + 2 * k + 1];
+      }
+  return packed;
+}
+
+// All rows of x against weight rows [o, o + OW): after the first group of rows, the OW
+// weight rows are read again from the L1 cache, not from memory.
+template <int OW>
+inline void Rows(const float* x, const float* packed, const uint16_t* w, float* y,
+                 int64_t rows, int64_t n, int64_t num_out, int64_t o) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) Block<4, OW>(x, packed, w, y, n, num_out, r, o);
+  for (; r < rows; ++r) Block<1, OW>(x, packed, w, y, n, num_out, r, o);
+}
+
+struct Work {
+  const float* x;
+  std::vector<float> packed;
+  const uint16_t* w;
+  float* y;
+  int64_t rows, n, num_out, chunk, num_chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Claims chunks of outputs until none are left. A task that starts after the last chunk was
+// claimed touches nothing but the counter, so the caller never waits on an idle thread.
+void Drain(Work& work) {
+  for (int64_t c; (c = work.next.fetch_add(1)) < work.num_chunks;) {
+    const int64_t end = std::min(work.num_out, (c + 1) * work.chunk);
+    const float* packed = work.packed.data();
+    int64_t o = c * work.chunk;
+    for (; o + kOut <= end; o += kOut)
+      Rows<kOut>(work.x, packed, work.w, work.y, work.rows, work.n, work.num_out, o);
+    for (; o < end; ++o)
+      Rows<1>(work.x, packed, work.w, work.y, work.rows, work.n, work.num_out, o);
+    work.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("paligemma_bf16_matvec: x (X, I) and w (O, I) expected");
+  auto work = std::make_shared<Work>();
+  work->x = x.typed_data();
+  work->w = reinterpret_cast<const uint16_t*>(w.typed_data());
+  work->y = y->typed_data();
+  work->rows = xd[0];
+  work->packed = Pack(work->x, xd[0], xd[1]);
+  work->n = xd[1];
+  work->num_out = wd[0];
+  // About 256 KiB of weights per chunk: small enough to balance two threads, large enough
+  // that claiming a chunk costs nothing next to reading it.
+  work->chunk = std::max<int64_t>(1, (256 << 10) / (2 * std::max<int64_t>(1, work->n)));
+  work->num_chunks = (work->num_out + work->chunk - 1) / work->chunk;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->num_chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { Drain(*work); });
+  Drain(*work);
+  while (work->done.load(std::memory_order_acquire) < work->num_chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PaligemmaBf16Matvec, MatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

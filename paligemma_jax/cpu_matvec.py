@@ -1,0 +1,88 @@
+"""bfloat16-weight products with few rows on the CPU: `cpu_matvec.cc` as an XLA FFI target.
+
+XLA's CPU backend has no bfloat16 arithmetic on most x86 CPUs: it widens a bfloat16 weight
+to float32 in a memory pass of its own before the dot (or hoists that out of the decode
+loop and keeps float32 copies), so bfloat16 decoding read more bytes than float32. The
+kernel widens in registers and reads each weight once.
+
+The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else `g++`)
+against the FFI headers jaxlib ships, and cached by source, compiler, jax version and CPU in
+`$PALIGEMMA_JAX_CACHE` (default `~/.cache/paligemma_jax`). Without a compiler, or with
+`PALIGEMMA_JAX_CPU_MATVEC=0`, `available()` is False and callers use XLA's dot.
+"""
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+TARGET = "paligemma_bf16_matvec"
+SOURCE = pathlib.Path(__file__).with_name("cpu_matvec.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+log = logging.getLogger(__name__)
+
+
+def _cpu_signature() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
+  except OSError:
+    return platform.processor()
+
+
+def _build(cache_dir: pathlib.Path) -> pathlib.Path:
+  """Compiles the kernel into cache_dir unless built already; returns the library path."""
+  cxx = os.environ.get("CXX", "g++")
+  if shutil.which(cxx) is None:
+    raise RuntimeError(f"no C++ compiler {cxx!r} on PATH (set $CXX)")
+  key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, *FLAGS, jax.__version__,
+                                  _cpu_signature()]).encode()).hexdigest()[:16]
+  lib = cache_dir / f"cpu_matvec-{key}.so"
+  if lib.exists():
+    return lib
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
+  os.close(fd)
+  cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+  done = subprocess.run(cmd, capture_output=True, text=True)
+  if done.returncode != 0:
+    os.unlink(tmp)
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+  os.replace(tmp, lib)  # atomic: a process building beside us never loads half a file
+  return lib
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+  """Whether the kernel is built and registered (once per process; logs why not)."""
+  if os.environ.get("PALIGEMMA_JAX_CPU_MATVEC", "1") == "0":
+    return False
+  cache_dir = pathlib.Path(os.environ.get("PALIGEMMA_JAX_CACHE",
+                                          pathlib.Path.home() / ".cache" / "paligemma_jax"))
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(_build(cache_dir)))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PaligemmaBf16Matvec),
+                                platform="cpu")
+  except (RuntimeError, OSError, AttributeError) as e:
+    log.warning("bfloat16 CPU kernel unavailable, bfloat16 decoding uses XLA's slower dot: %s",
+                e)
+    return False
+  return True
+
+
+def matvec(x, w):
+  """x (X, I) float, w (O, I) bfloat16 -> float32 (X, O) = x @ w.T, accumulated in float32."""
+  if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or w.dtype != jnp.bfloat16:
+    raise ValueError(f"matvec: expected x (X, I) and bfloat16 w (O, I), got x {x.shape} "
+                     f"{x.dtype} and w {w.shape} {w.dtype}")
+  out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
+  return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), w)

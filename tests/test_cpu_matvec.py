@@ -1,0 +1,139 @@
+"""The bfloat16 CPU kernel (`cpu_matvec`): exact indexing, float32 accuracy, when the model
+uses it, and the fallback when it cannot be built."""
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bv_fixtures
+import hf_reference
+from conftest import spec_config, spec_overrides
+from paligemma_jax import checkpoint, cpu_matvec, gemma, image, paligemma
+from paligemma_jax.pipeline import PaliGemmaPipeline
+
+
+def test_kernel_is_built_on_this_machine():
+  # CI runs on x86-64 Linux with g++ (.ci/run installs it): there the kernel must be in use.
+  assert shutil.which(os.environ.get("CXX", "g++")), "no C++ compiler: .ci/run installs g++"
+  assert cpu_matvec.available()
+
+
+def _bf16(a):
+  return jnp.asarray(a, jnp.float32).astype(jnp.bfloat16)
+
+
+# rows: under, at and over a group of 4; inputs: none, under one step of 32 weights, a tail of
+# 8 or 4 after whole steps; outputs: under one group of 4, a tail, several chunks (128 outputs
+# of 1024 inputs make one chunk, so 1000 x 1024 is 8 of them and 4133 x 64 is 3).
+@pytest.mark.parametrize("rows,outs,ins", [
+    (1, 7, 40), (3, 1000, 1024), (4, 5, 16), (5, 4133, 64), (8, 33, 4100), (16, 300, 96),
+    (2, 5, 0), (0, 5, 64), (2, 0, 64)])
+def test_matvec_exact_on_integers(rows, outs, ins):
+  """Small integers are exact in bfloat16 and their sums exact in float32: any misplaced
+  weight, row or output shows as an exact mismatch."""
+  rng = np.random.default_rng(rows * 7919 + outs + ins)
+  x = rng.integers(-8, 9, (rows, ins)).astype(np.float32)
+  w = rng.integers(-8, 9, (outs, ins)).astype(np.float32)
+  got = jax.jit(cpu_matvec.matvec)(jnp.asarray(x), _bf16(w))
+  assert got.shape == (rows, outs) and got.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(got), x @ w.T)
+
+
+@pytest.mark.parametrize("rows,outs,ins", [(1, 1000, 1024), (8, 513, 2048), (16, 64, 4100)])
+def test_matvec_float32_accuracy(rows, outs, ins):
+  """Against a float64 product of the same bfloat16 weights: float32 accumulation, relative
+  error under 1e-5 of the largest output (XLA's own float32 dot lands at ~1e-7 here)."""
+  rng = np.random.default_rng(outs)
+  x = rng.standard_normal((rows, ins)).astype(np.float32)
+  w = _bf16(rng.standard_normal((outs, ins)))
+  ref = x.astype(np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
+  got = np.asarray(jax.jit(cpu_matvec.matvec)(jnp.asarray(x), w))
+  assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-5
+
+
+def test_matvec_rejects_shapes_and_dtypes_with_both_named():
+  with pytest.raises(ValueError, match=r"x \(2, 8\).*w \(3, 9\)"):
+    cpu_matvec.matvec(jnp.ones((2, 8)), jnp.ones((3, 9), jnp.bfloat16))
+  with pytest.raises(ValueError, match="float32"):
+    cpu_matvec.matvec(jnp.ones((2, 8)), jnp.ones((3, 8), jnp.float32))
+
+
+def _hlo(f, *args):
+  return jax.jit(lambda *a: f(*a)).lower(*args).as_text()  # a fresh trace, never a cached one
+
+
+def test_contract_out_major_takes_the_kernel_for_few_bfloat16_rows(monkeypatch):
+  w = _bf16(np.random.default_rng(0).standard_normal((300, 128)))
+  few, many = jnp.ones((gemma.DECODE_ROWS, 128), jnp.bfloat16), jnp.ones((17, 128), jnp.bfloat16)
+  assert cpu_matvec.TARGET in _hlo(gemma.contract_out_major, few, w)
+  assert cpu_matvec.TARGET not in _hlo(gemma.contract_out_major, many, w)  # prefill: XLA
+  assert cpu_matvec.TARGET not in _hlo(gemma.contract_out_major, few.astype(jnp.float32),
+                                       w.astype(jnp.float32))
+  # Same values as XLA's path (bfloat16 out: both round one float32 sum).
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 128)), jnp.float32)
+  with_kernel = np.asarray(gemma.contract_out_major(x, w))
+  monkeypatch.setattr(cpu_matvec, "available", lambda: False)
+  assert cpu_matvec.TARGET not in _hlo(gemma.contract_out_major, few, w)
+  np.testing.assert_allclose(with_kernel, np.asarray(gemma.contract_out_major(x, w)),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_compiler_it_falls_back_and_says_why(monkeypatch, tmp_path, caplog):
+  monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+  monkeypatch.setenv("PALIGEMMA_JAX_CACHE", str(tmp_path))
+  with pytest.raises(RuntimeError, match="no-such-compiler-xyz"):
+    cpu_matvec._build(tmp_path)
+  with caplog.at_level(logging.WARNING, logger=cpu_matvec.__name__):
+    assert cpu_matvec.available.__wrapped__() is False
+  assert "no-such-compiler-xyz" in caplog.text
+  monkeypatch.setenv("PALIGEMMA_JAX_CPU_MATVEC", "0")
+  assert cpu_matvec.available.__wrapped__() is False
+  assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_build_is_cached_by_content(tmp_path):
+  first = cpu_matvec._build(tmp_path)
+  stamp = first.stat().st_mtime_ns
+  assert cpu_matvec._build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+  assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+@pytest.mark.parametrize("name", ["pg1_mqa", "pg2_gqa"])
+def test_bfloat16_weights_decode_like_reference(name, ckpt_path, flat_params, tokenizer,
+                                                test_image):
+  """bfloat16 weights computed in float32 go through the kernel in every decode step; HF,
+  float32 on the same bfloat16-rounded weights, must give the same 16 greedy tokens, and the
+  cached decode's log-probabilities must equal a full forward's (XLA's dots) within 1e-4."""
+  import ml_dtypes
+  spec = bv_fixtures.SPECS[name]
+  loaded = checkpoint.load_npz(ckpt_path(name, "bfloat16"), dtype=jnp.bfloat16,
+                               overrides=spec_overrides(spec))
+  pipe = PaliGemmaPipeline(loaded.config, loaded.params, tokenizer, dtype="float32",
+                           cache_dtype="float32")
+  [ours] = pipe.generate([test_image], ["caption en"], max_decode_len=16)
+  [(_, compiled_decode)] = pipe._compiled.values()
+  assert cpu_matvec.TARGET in compiled_decode.as_text()
+  rounded = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32)
+             for k, v in flat_params[name].items()}
+  hf = hf_reference.build_hf_paligemma(rounded, spec)
+  pixels = image.preprocess(test_image, spec["image_size"])[None]
+  tokens, mask_ar = tokenizer.prompt("caption en")
+  ref = hf_reference.hf_greedy(hf, pixels, tokens[None], 16, vocab_limit=tokenizer.vocab_size)
+  assert len(ref) == 16
+  assert ours.tokens == ref.tolist()
+  # Teacher-forced full forward on big_vision's tree: no kernel (all rows at once).
+  text = np.concatenate([tokens, np.array(ours.tokens, np.int32)])[None]
+  mask_ar = np.concatenate([mask_ar, np.ones(16, np.int32)])[None]
+  model = paligemma.PaliGemma(loaded.config, jnp.float32)
+  logits = np.asarray(model.apply({"params": paligemma.stacked(pipe.params)},
+                                  pipe.make_batch([test_image], ["caption en"])["images"],
+                                  text, mask_ar))
+  first = loaded.config.num_image_tokens + len(tokens) - 1
+  full = logits[0, first:first + 16].copy()
+  full[:, tokenizer.vocab_size:] = -np.inf
+  logp = jax.nn.log_softmax(full)[np.arange(16), ours.tokens]
+  np.testing.assert_allclose(ours.logprobs, logp, atol=1e-4)
