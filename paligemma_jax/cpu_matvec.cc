@@ -25,7 +25,6 @@ namespace {
 constexpr int kLanes = 16;
 constexpr int kStep = 2 * kLanes;  // weights widened at a time
 constexpr int kOut = 4;            // weight rows read side by side
-constexpr int kPrefetch = 512;     // elements ahead in each weight row (1 KiB)
 typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
 typedef uint32_t Words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
@@ -71,8 +70,11 @@ inline void Block(const float* x, const float* packed, const uint16_t* w, float*
   const int64_t body = n - n % kStep;
   for (int64_t i = 0; i < body; i += kStep) {
     Floats even[OW], odd[OW];
+    // The next block of OW rows is contiguous: fetch it OW lines per step, so that it is in
+    // cache when this block is done.
+    const uint16_t* next = w + (o + OW) * n + i * OW;
     for (int j = 0; j < OW; ++j) {
-      __builtin_prefetch(w + (o + j) * n + i + kPrefetch);
+      __builtin_prefetch(next + j * kStep);
       Widen(w + (o + j) * n + i, even[j], odd[j]);
     }
     for (int r = 0; r < R; ++r) {

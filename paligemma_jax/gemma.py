@@ -134,19 +134,20 @@ OUT_MAJOR = {"attn/q_einsum/w": (0, 2, 1),             # (N, D, H) -> (N, H, D)
 OUT_MAJOR_SUFFIX = "_out_major"
 
 
-def contract_out_major(x, w, out_dtype=None):
+def contract_out_major(x, w, out_dtype=None, kernel=True):
   """x (X, I), w (O, I) as stored -> (X, O) in out_dtype (default x's), computed in x's dtype.
 
-  Few rows: a bfloat16 w goes to `cpu_matvec` on the CPU (widened in registers: XLA would
-  widen it in a pass of its own); otherwise the product is phrased (O, I) @ (I, X), which
+  Few rows: a bfloat16 w goes to `cpu_matvec` on the CPU if `kernel` (w is whole on this
+  device: a sharded w would be gathered for it); it widens w in registers where XLA would
+  widen it in a pass of its own. Otherwise the product is phrased (O, I) @ (I, X), which
   XLA's CPU dot runs 2-3x faster than (X, I) @ (I, O) (measured at 8 rows). The barriers
   keep layout assignment from folding the activation transposes into the dot, which turns
   it back into the slow form.
   """
   out_dtype = out_dtype or x.dtype
   rows = x.shape[0]
-  if rows <= DECODE_ROWS and w.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" \
-      and cpu_matvec.available():
+  if kernel and rows <= DECODE_ROWS and w.dtype == jnp.bfloat16 \
+      and jax.default_backend() == "cpu" and cpu_matvec.available():
     return cpu_matvec.matvec(x, w).astype(out_dtype)
   w = w.astype(x.dtype)
   if rows > DECODE_ROWS:  # bound by arithmetic (prefill): the plain product is as fast
@@ -185,6 +186,7 @@ class Embedder(nn.Module):
   vocab_size: int
   width: int
   dtype: jnp.dtype
+  out_major: bool = False  # the one-device inference tree: the bfloat16 kernel may read it
 
   def setup(self):
     self.input_embedding = self.param(
@@ -199,7 +201,8 @@ class Embedder(nn.Module):
     """(B, T, D) -> float32 logits (B, T, V) through the tied embedding."""
     b, t, d = x.shape
     # The embedding (V, D) is already out-major: read as stored, vocabulary-major.
-    logits = contract_out_major(x.reshape(b * t, d), self.input_embedding, jnp.float32)
+    logits = contract_out_major(x.reshape(b * t, d), self.input_embedding, jnp.float32,
+                                kernel=self.out_major)
     return logits.reshape(b, t, -1)
 
 
@@ -354,7 +357,7 @@ class Gemma(nn.Module):
 
   def setup(self):
     c = self.config
-    self.embedder = Embedder(c.vocab_size, c.width, self.dtype)
+    self.embedder = Embedder(c.vocab_size, c.width, self.dtype, self.out_major)
     if self.scan_layers:
       self.layers = nn.scan(
           Block,

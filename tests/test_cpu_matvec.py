@@ -137,3 +137,13 @@ def test_bfloat16_weights_decode_like_reference(name, ckpt_path, flat_params, to
   full[:, tokenizer.vocab_size:] = -np.inf
   logp = jax.nn.log_softmax(full)[np.arange(16), ours.tokens]
   np.testing.assert_allclose(ours.logprobs, logp, atol=1e-4)
+
+
+def test_the_head_takes_the_kernel_only_on_the_one_device_tree():
+  """On a mesh the embedding is sharded, and the kernel would need it gathered whole."""
+  table = {"input_embedding": _bf16(np.random.default_rng(2).standard_normal((512, 64)))}
+  x = jnp.ones((2, 1, 64), jnp.bfloat16)
+  for out_major in (False, True):
+    head = gemma.Embedder(512, 64, jnp.bfloat16, out_major=out_major)
+    hlo = _hlo(lambda x: head.apply({"params": table}, x, method="decode"), x)
+    assert (cpu_matvec.TARGET in hlo) == out_major

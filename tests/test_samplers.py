@@ -77,3 +77,19 @@ def test_greedy_is_the_limit_of_low_temperature():
   cold = decode.sample(decode.Sampler("temperature", t=1e-4), logits, jax.random.PRNGKey(1))
   np.testing.assert_array_equal(greedy, cold)
   assert (np.asarray(greedy) == np.asarray(logits).argmax(-1)).all()
+
+
+@pytest.mark.parametrize("vocab", [1, 1000, 1024, 3000, 257152])
+def test_two_stage_argmax_is_the_first_maximum(vocab):
+  rng = np.random.default_rng(vocab)
+  logits = rng.standard_normal((6, vocab)).astype(np.float32)
+  top = logits.max() + 1
+  # Ties inside one block, across blocks, in the last (padded) block; all -inf; a NaN.
+  for row, cols in enumerate([[vocab - 1], [0, vocab - 1], [vocab // 2, vocab // 3],
+                              [min(5, vocab - 1), min(7, vocab - 1)]]):
+    logits[row, cols] = top
+  logits[4] = -np.inf
+  logits[5, vocab // 2] = np.nan
+  got = np.asarray(jax.jit(decode.argmax)(jnp.asarray(logits)))
+  np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), -1)))
+  assert got[1] == 0 and got[2] == min(vocab // 2, vocab // 3)
