@@ -22,6 +22,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "Widen reads bfloat16 pairs as words");
+
 constexpr int kLanes = 16;
 constexpr int kStep = 2 * kLanes;  // weights widened at a time
 constexpr int kOut = 4;            // weight rows read side by side

@@ -2,7 +2,7 @@
 
 XLA's CPU backend has no bfloat16 arithmetic on most x86 CPUs: it widens a bfloat16 weight
 to float32 in a memory pass of its own before the dot (or hoists that out of the decode
-loop and keeps float32 copies), so bfloat16 decoding read more bytes than float32. The
+loop and keeps float32 copies), so bfloat16 decoding reads more bytes than float32. The
 kernel widens in registers and reads each weight once.
 
 The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else `g++`)
@@ -53,6 +53,7 @@ def _build(cache_dir: pathlib.Path) -> pathlib.Path:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
   os.close(fd)
   cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+  log.info("building the bfloat16 CPU kernel once: %s", " ".join(cmd))
   done = subprocess.run(cmd, capture_output=True, text=True)
   if done.returncode != 0:
     os.unlink(tmp)
