@@ -6,12 +6,13 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
 import bv_fixtures
 import hf_reference
-from conftest import spec_config, spec_overrides
+from conftest import spec_overrides
 from paligemma_jax import checkpoint, cpu_matvec, gemma, image, paligemma
 from paligemma_jax.pipeline import PaliGemmaPipeline
 
@@ -108,7 +109,6 @@ def test_bfloat16_weights_decode_like_reference(name, ckpt_path, flat_params, to
   """bfloat16 weights computed in float32 go through the kernel in every decode step; HF,
   float32 on the same bfloat16-rounded weights, must give the same 16 greedy tokens, and the
   cached decode's log-probabilities must equal a full forward's (XLA's dots) within 1e-4."""
-  import ml_dtypes
   spec = bv_fixtures.SPECS[name]
   loaded = checkpoint.load_npz(ckpt_path(name, "bfloat16"), dtype=jnp.bfloat16,
                                overrides=spec_overrides(spec))
