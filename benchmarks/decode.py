@@ -107,13 +107,18 @@ def init_params_lean(config, dtype, seed=0):
   scales 1, other scales and biases 0) drawn one array at a time in float32 and stored in
   `dtype`: init_params itself draws in float64 and keeps float32, too much for 3B here."""
   rng = np.random.default_rng(seed)
+  on_device = jax.default_backend() != "cpu"  # an accelerator draws 3B normals in a blink
   flat = {}
   fan_in_axes = paligemma._FAN_IN
-  for key, leaf in traverse_util.flatten_dict(paligemma.abstract_params(config), sep="/").items():
+  for i, (key, leaf) in enumerate(
+      traverse_util.flatten_dict(paligemma.abstract_params(config), sep="/").items()):
     shape = leaf.shape
     suffix = next((s for s in fan_in_axes if key.endswith(s)), None)
     if suffix is not None:
-      value = rng.standard_normal(shape, np.float32)
+      if on_device:
+        value = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), i), shape)
+      else:
+        value = rng.standard_normal(shape, np.float32)
       value /= np.sqrt(np.prod([shape[a] for a in fan_in_axes[suffix]]))
       if suffix == "input_embedding":
         value /= np.sqrt(shape[1])
@@ -188,11 +193,12 @@ def build_hf(flat: dict, spec: dict, torch_dtype, attn: str, lean: bool):
 class Ours:
   """The compiled prefill and while_loop decode that PaliGemmaPipeline.generate runs."""
 
-  def __init__(self, config, params, dtype, cache_dtype, batch, text_len, max_decode_len):
+  def __init__(self, config, params, dtype, cache_dtype, batch, text_len, max_decode_len,
+               out_major=True):
     # The pipeline's inference tree and model (per-layer language model weights).
-    self.params = params = paligemma.unstacked(params, consume=True, out_major=True)
+    self.params = params = paligemma.unstacked(params, consume=True, out_major=out_major)
     self.model = paligemma.PaliGemma(config, jnp.dtype(dtype), scan_layers=False,
-                                     out_major=True)
+                                     out_major=out_major)
     s = config.image_size
     self.prompt_len = config.num_image_tokens + text_len
     self.cache_size = self.prompt_len + max_decode_len
@@ -225,6 +231,9 @@ class Ours:
   def run(self, images, text):
     mask = np.ones(text.shape, bool)
     mask_ar = np.zeros(text.shape, np.int32)  # the whole prompt is prefix: full attention
+    # On the device already, as HF's tensors are: the timings cover compute, not uploads.
+    images, text, mask, mask_ar = jax.block_until_ready(
+        jax.device_put((images, text, mask, mask_ar)))
     t0 = time.perf_counter()
     out = self.prefill(self.params, images, text, mask, mask_ar)
     jax.block_until_ready(out)
@@ -251,15 +260,15 @@ class StepTimes:
 
 
 class HF:
-  def __init__(self, model, images, text, torch_dtype):
+  def __init__(self, model, images, text, torch_dtype, device="cpu"):
     import torch
     import hf_reference
 
     self.torch = torch
     self.hf_reference = hf_reference
-    self.model = model
-    self.ids = hf_reference._full_ids(model, text)
-    self.pixels = hf_reference._to_torch_pixels(images).to(torch_dtype)
+    self.model = model.to(device)
+    self.ids = hf_reference._full_ids(model, text).to(device)
+    self.pixels = hf_reference._to_torch_pixels(images).to(device=device, dtype=torch_dtype)
 
   def generate(self, new_tokens, streamer=None):
     torch = self.torch
@@ -283,7 +292,7 @@ class HF:
     assert len(stamps) == n + 1, (len(stamps), n)
     return dict(total_s=t_end - t0, prefill_s=stamps[1] - stamps[0],
                 decode_s=stamps[-1] - stamps[1], setup_s=stamps[0] - t0,
-                generate1_s=t_one), seq[:, self.ids.shape[1]:].numpy()
+                generate1_s=t_one), seq[:, self.ids.shape[1]:].cpu().numpy()
 
 
 # ---------------------------------------------------------------------------
@@ -308,6 +317,11 @@ def main(argv=None):
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--skip_hf", action="store_true", help="ours only (no ratios)")
+  ap.add_argument("--hf_device", default=None, help="torch device for HF (default: cuda when "
+                  "jax runs on a GPU and torch sees one, else cpu)")
+  ap.add_argument("--out_major", choices=["true", "false"], default="true",
+                  help="our Gemma weights held output-major (the pipeline's one-device tree) "
+                  "or in big_vision's stored layout")
   ap.add_argument("--json", default=None, help="write the results here")
   args = ap.parse_args(argv)
   if args.max_decode_len < 2:
@@ -318,15 +332,23 @@ def main(argv=None):
   config = spec_config(spec)
   b, n, t = args.batch_size, args.max_decode_len, args.text_len
   lean = args.preset == "3b"
+  backend = jax.default_backend()
+  hf_device = args.hf_device
+  if hf_device is None and not args.skip_hf:
+    import torch
+    hf_device = "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
 
   result = dict(
       args=dict(vars(args), hf_dtype=hf_dtype, cache_dtype=cache_dtype), spec=spec,
       machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                   jax=jax.__version__, backend=jax.default_backend()))
+                   jax=jax.__version__, backend=backend,
+                   device=jax.devices()[0].device_kind, hf_device=hf_device))
 
+  # Host memory: everything lives there on the CPU backend (on an accelerator the host holds
+  # only transients, and a VM's MemAvailable may start low and grow).
   need, avail = memory_needed(spec, args.dtype, None if args.skip_hf else hf_dtype), \
       available_bytes()
-  if need > avail:
+  if backend == "cpu" and hf_device in (None, "cpu") and need > avail:
     msg = (f"skipped: preset {args.preset} with dtype {args.dtype} / HF {hf_dtype} needs about "
            f"{need / 2**30:.1f} GiB, only {avail / 2**30:.1f} GiB available")
     if args.preset == "3b" and "float32" in (args.dtype, hf_dtype):
@@ -345,7 +367,7 @@ def main(argv=None):
   mm = roofline.measure_matmul_rate(args.dtype)
   mm_hf = None
   if not args.skip_hf:
-    mm_hf = roofline.measure_torch_matmul_rate(hf_dtype)
+    mm_hf = roofline.measure_torch_matmul_rate(hf_dtype, hf_device)
 
   # --- weights, ours then HF.
   log(f"building {args.preset} ({param_count(spec) / 1e6:.0f}M params) ...")
@@ -364,14 +386,14 @@ def main(argv=None):
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
     model = build_hf(flat, spec, getattr(torch, hf_dtype), args.hf_attn, lean)
     del flat
-    hf = HF(model, images, text, getattr(torch, hf_dtype))
+    hf = HF(model, images, text, getattr(torch, hf_dtype), hf_device)
   if not lean and args.dtype != "float32":
     params = jax.tree_util.tree_map(lambda x: x.astype(args.dtype), params)
   jax.block_until_ready(params)
   gc.collect()
   log(f"  built in {time.perf_counter() - t0:.1f}s")
 
-  ours = Ours(config, params, args.dtype, cache_dtype, b, t, n)
+  ours = Ours(config, params, args.dtype, cache_dtype, b, t, n, args.out_major == "true")
   log(f"ours compiled in {ours.compile_s:.1f}s; warming up ...")
   for _ in range(args.warmup):
     ours.run(images, text)
@@ -465,9 +487,11 @@ def write_json(path, result):
 def report(r) -> str:
   a, o, roof = r["args"], r["ours"], r["roofline"]
   hf, ratio = r.get("hf"), r.get("ratios")
-  lines = [f"preset={a['preset']} batch={a['batch_size']} max_decode_len={a['max_decode_len']} "
+  m = r["machine"]
+  lines = [f"device: {m['device']} (jax {m['jax']}, {m['backend']}); HF on {m['hf_device']}",
+           f"preset={a['preset']} batch={a['batch_size']} max_decode_len={a['max_decode_len']} "
            f"dtype={a['dtype']} cache={a['cache_dtype']} HF dtype={a['hf_dtype']} "
-           f"HF attn={a['hf_attn']} runs={a['runs']} (medians)"]
+           f"HF attn={a['hf_attn']} out_major={a['out_major']} runs={a['runs']} (medians)"]
   row = "{:<34s} {:>12s} {:>12s} {:>10s}"
   lines.append(row.format("", "ours", "HF", "ours/HF"))
 

@@ -114,11 +114,13 @@ def measure_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> dict:
   return out
 
 
-def measure_matmul_rate(dtype: str, n: int = 2048, reps: int = 5) -> float:
-  """FLOP/s of a jitted (n, n) @ (n, n) jnp.dot in `dtype` (2 n^3 FLOPs)."""
+def measure_matmul_rate(dtype: str, n: int | None = None, reps: int = 5) -> float:
+  """FLOP/s of a jitted (n, n) @ (n, n) jnp.dot in `dtype` (2 n^3 FLOPs); n defaults to 2048
+  on the CPU and 8192 on an accelerator (a 2048 product is launch-bound on a GPU)."""
   import jax
   import jax.numpy as jnp
 
+  n = n or (2048 if jax.default_backend() == "cpu" else 8192)
   dt = jnp.dtype(dtype)
   a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32)).astype(dt)
   b = a.T + 0
@@ -126,12 +128,19 @@ def measure_matmul_rate(dtype: str, n: int = 2048, reps: int = 5) -> float:
   return 2 * n ** 3 / _median_time(lambda: dot(a, b).block_until_ready(), reps)
 
 
-def measure_torch_matmul_rate(dtype: str, n: int = 2048, reps: int = 5) -> float:
-  """The same for torch (the reference's kernels), for context."""
+def measure_torch_matmul_rate(dtype: str, device: str = "cpu", n: int | None = None,
+                              reps: int = 5) -> float:
+  """The same for torch (the reference's kernels) on `device`, for context."""
   import torch
 
+  n = n or (2048 if device == "cpu" else 8192)
   dt = getattr(torch, dtype)
-  a = torch.randn(n, n).to(dt)
+  a = torch.randn(n, n).to(device=device, dtype=dt)
   b = a.T.contiguous()
+  sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+  def product():
+    a @ b
+    sync()
   with torch.no_grad():
-    return 2 * n ** 3 / _median_time(lambda: a @ b, reps)
+    return 2 * n ** 3 / _median_time(product, reps)

@@ -279,7 +279,9 @@ def _zero_based_positions(model):
             b, q = kwargs["inputs_embeds"].shape[:2]
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
-        kwargs["position_ids"] = (torch.arange(q, dtype=torch.long) + past)[None].expand(b, q)
+        device = next(module.parameters()).device
+        kwargs["position_ids"] = (torch.arange(q, dtype=torch.long, device=device)
+                                  + past)[None].expand(b, q)
         return args, kwargs
 
     handle = model.model.register_forward_pre_hook(hook, with_kwargs=True)
