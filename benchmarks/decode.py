@@ -133,8 +133,10 @@ def init_params_lean(config, dtype, seed=0):
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def build_hf(flat: dict, spec: dict, torch_dtype, attn: str, lean: bool):
-  """HF PaliGemma from big_vision arrays via tests/hf_reference.py."""
+def build_hf(flat: dict, spec: dict, torch_dtype, attn: str, lean: bool, device: str = "cpu"):
+  """HF PaliGemma from big_vision arrays via tests/hf_reference.py, on `device`."""
+  import contextlib
+
   import torch
   import hf_reference
   from transformers import PaliGemmaForConditionalGeneration
@@ -143,12 +145,19 @@ def build_hf(flat: dict, spec: dict, torch_dtype, attn: str, lean: bool):
     model = hf_reference.build_hf_paligemma(flat, spec).to(torch_dtype)
   else:
     # Same mapping, one layer at a time (bv_to_hf_state_dict on depth-1 slices), into a model
-    # created directly in the target dtype: never the whole model in float32.
+    # created directly in the target dtype: never the whole model in float32. Created on the
+    # device and without HF's random init (every weight is overwritten): that init takes
+    # minutes for 3B on a CPU.
     cfg = hf_reference.hf_config(spec)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype)
     try:
-      model = PaliGemmaForConditionalGeneration(cfg)
+      from transformers.initialization import no_init_weights as no_init
+    except ImportError:
+      no_init = contextlib.nullcontext
+    try:
+      with torch.device(device), no_init():
+        model = PaliGemmaForConditionalGeneration(cfg)
     finally:
       torch.set_default_dtype(old)
     one = dict(spec, vit_depth=1, llm_depth=1)
@@ -158,8 +167,10 @@ def build_hf(flat: dict, spec: dict, torch_dtype, attn: str, lean: bool):
     for i in range(max(depth.values())):
       sub = {}
       for key, a in flat.items():
-        if key.startswith(layer_prefixes):
+        if key.startswith(layer_prefixes) and i < depth[key[:4]]:
           sub[key] = np.asarray(a[min(i, depth[key[:4]] - 1)])[None]
+        elif key.startswith(layer_prefixes):  # this tower has no layer i: a stand-in
+          sub[key] = np.zeros((1,) + a.shape[1:], np.float32)
         else:  # map the non-layer arrays once; zero-size stand-ins afterwards
           sub[key] = np.asarray(a) if i == 0 else np.zeros((0,) + a.shape[1:], np.float32)
       sd = {}
@@ -384,7 +395,7 @@ def main(argv=None):
   if not args.skip_hf:
     import torch
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
-    model = build_hf(flat, spec, getattr(torch, hf_dtype), args.hf_attn, lean)
+    model = build_hf(flat, spec, getattr(torch, hf_dtype), args.hf_attn, lean, hf_device)
     del flat
     hf = HF(model, images, text, getattr(torch, hf_dtype), hf_device)
   if not lean and args.dtype != "float32":

@@ -62,53 +62,70 @@ def prefill_flops(spec: dict, batch: int, prompt_len: int) -> dict:
 # ---------------------------------------------------------------------------
 # Measuring.
 
-def _median_time(fn, reps: int) -> float:
-  fn()  # warm (page faults, compilation)
+def _median_time(fn, reps: int, inner: int = 1) -> float:
+  """Median seconds per call of fn over `reps` samples of `inner` calls each; fn returns what
+  to wait for (calls within a sample are dispatched back to back, then waited for once)."""
+  _block(fn())  # warm (page faults, compilation)
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
+    _block([fn() for _ in range(inner)])
+    times.append((time.perf_counter() - t0) / inner)
   return statistics.median(times)
 
 
-def measure_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> dict:
+def _block(x):
+  import jax
+  return jax.block_until_ready(x)
+
+
+def _accelerator() -> bool:
+  import jax
+  return jax.default_backend() != "cpu"
+
+
+def measure_bandwidth(nbytes: int | None = None, reps: int = 5) -> dict:
   """Memory read bandwidth in bytes/s, several ways, on arrays far larger than the caches.
 
   A decode step reads its weights and writes almost nothing, so every figure is *bytes read
   per second*; the copies also write as much, so their read rate is a conservative one
   (their read + write traffic is twice the figure).
   numpy_copy: np.copyto into a preallocated array (one thread).
-  jax_copy:   a jitted x + 1 updating a donated 1 GiB buffer in place (all threads).
+  jax_copy:   a jitted x + 1 updating a donated buffer of nbytes in place (all threads).
   jax_sum:    a jitted sum.
   jax_gemv:   a jitted (nbytes / 4096, 1024) float32 matrix times a vector: the access
               pattern of a decode step and of its largest piece, the logits head.
   best:       the largest: the fastest this process read memory, so bytes / best is a lower
               bound on the time any code here needs to read those bytes.
+  On an accelerator the jax arrays are 4 GiB (default) and each sample is 10 calls dispatched
+  back to back, so that dispatch does not count against a read of a third of a millisecond.
   """
   import jax
   import jax.numpy as jnp
 
-  n = nbytes // 4
-  src = np.ones(n, np.float32)
+  accel = _accelerator()
+  src = np.ones((1 << 30) // 4, np.float32)
   dst = np.empty_like(src)
-  out = {"numpy_copy": nbytes / _median_time(lambda: np.copyto(dst, src), reps)}
+  out = {"numpy_copy": src.nbytes / _median_time(lambda: np.copyto(dst, src), reps)}
   del src, dst
+  nbytes = nbytes or (4 << 30 if accel else 1 << 30)
+  inner = 10 if accel else 1
+  n = nbytes // 4
 
   x = [jnp.ones(n, jnp.float32)]
   bump = jax.jit(lambda a: a + 1.0, donate_argnums=0)
 
   def step():
     x[0] = bump(x[0])
-    x[0].block_until_ready()
-  out["jax_copy"] = nbytes / _median_time(step, reps)
+    return x[0]
+  out["jax_copy"] = nbytes / _median_time(step, reps, inner)
   total = jax.jit(jnp.sum)
-  out["jax_sum"] = nbytes / _median_time(lambda: total(x[0]).block_until_ready(), reps)
+  out["jax_sum"] = nbytes / _median_time(lambda: total(x[0]), reps, inner)
   matrix = x[0].reshape(-1, 1024)
   del x
   vector = jnp.ones((1024,), jnp.float32)
   gemv = jax.jit(lambda m, v: m @ v)
-  out["jax_gemv"] = nbytes / _median_time(lambda: gemv(matrix, vector).block_until_ready(), reps)
+  out["jax_gemv"] = nbytes / _median_time(lambda: gemv(matrix, vector), reps, inner)
   del matrix
   out["best"] = max(out.values())
   return out
@@ -125,7 +142,7 @@ def measure_matmul_rate(dtype: str, n: int | None = None, reps: int = 5) -> floa
   a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32)).astype(dt)
   b = a.T + 0
   dot = jax.jit(jnp.dot)
-  return 2 * n ** 3 / _median_time(lambda: dot(a, b).block_until_ready(), reps)
+  return 2 * n ** 3 / _median_time(lambda: dot(a, b), reps, 10 if _accelerator() else 1)
 
 
 def measure_torch_matmul_rate(dtype: str, device: str = "cpu", n: int | None = None,
@@ -137,10 +154,12 @@ def measure_torch_matmul_rate(dtype: str, device: str = "cpu", n: int | None = N
   dt = getattr(torch, dtype)
   a = torch.randn(n, n).to(device=device, dtype=dt)
   b = a.T.contiguous()
-  sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+  cuda = device.startswith("cuda")
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-  def product():
-    a @ b
+  def products():
+    for _ in range(10 if cuda else 1):
+      a @ b
     sync()
   with torch.no_grad():
-    return 2 * n ** 3 / _median_time(product, reps)
+    return 2 * n ** 3 * (10 if cuda else 1) / _median_time(products, reps)
