@@ -38,15 +38,12 @@ flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__ver
 jax.devices())" 2>&1 | tail -1 | tee "$out/versions.txt"
 
 N=32
-step 3b_bf16_b1 330 -- --preset=3b --dtype=bfloat16 --batch_size=1 --max_decode_len=$N
-# The whole decode while_loop as one CUDA graph with conditional nodes (no host round trip
-# per step).
-step 3b_bf16_b1_cmdbuf_while 150 \
-  XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL \
-  -- --preset=3b --dtype=bfloat16 --batch_size=1 --max_decode_len=$N --skip_hf
+step 3b_bf16_b1 240 -- --preset=3b --dtype=bfloat16 --batch_size=1 --max_decode_len=$N
+step 3b_bf16_b8 240 -- --preset=3b --dtype=bfloat16 --batch_size=8 --max_decode_len=$N
 # Float32 at full precision (no TF32), so the greedy tokens must equal HF's.
 step tiny_f32_b1 100 JAX_DEFAULT_MATMUL_PRECISION=highest -- --preset=tiny --batch_size=1 \
   --max_decode_len=$N
 step 3b_bf16_b1_stored_layout 150 -- --preset=3b --dtype=bfloat16 --batch_size=1 \
   --max_decode_len=$N --skip_hf --out_major=false
-step 3b_bf16_b8 200 -- --preset=3b --dtype=bfloat16 --batch_size=8 --max_decode_len=$N
+step small_f32_b1 120 JAX_DEFAULT_MATMUL_PRECISION=highest -- --preset=small --batch_size=1 \
+  --max_decode_len=$N

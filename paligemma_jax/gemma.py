@@ -137,20 +137,22 @@ OUT_MAJOR_SUFFIX = "_out_major"
 def contract_out_major(x, w, out_dtype=None, kernel=True):
   """x (X, I), w (O, I) as stored -> (X, O) in out_dtype (default x's), computed in x's dtype.
 
-  Few rows: a bfloat16 w goes to `cpu_matvec` on the CPU if `kernel` (w is whole on this
+  Few rows on the CPU: a bfloat16 w goes to `cpu_matvec` if `kernel` (w is whole on this
   device: a sharded w would be gathered for it); it widens w in registers where XLA would
   widen it in a pass of its own. Otherwise the product is phrased (O, I) @ (I, X), which
   XLA's CPU dot runs 2-3x faster than (X, I) @ (I, O) (measured at 8 rows). The barriers
   keep layout assignment from folding the activation transposes into the dot, which turns
-  it back into the slow form.
+  it back into the slow form. On a GPU the plain product is best: the barriers there cost
+  7% of a 3b decode step (benchmarks/README.md).
   """
   out_dtype = out_dtype or x.dtype
   rows = x.shape[0]
-  if kernel and rows <= DECODE_ROWS and w.dtype == jnp.bfloat16 \
-      and jax.default_backend() == "cpu" and cpu_matvec.available():
+  cpu = jax.default_backend() == "cpu"
+  if cpu and kernel and rows <= DECODE_ROWS and w.dtype == jnp.bfloat16 \
+      and cpu_matvec.available():
     return cpu_matvec.matvec(x, w).astype(out_dtype)
   w = w.astype(x.dtype)
-  if rows > DECODE_ROWS:  # bound by arithmetic (prefill): the plain product is as fast
+  if rows > DECODE_ROWS or not cpu:  # prefill is bound by arithmetic: the plain product
     return jnp.einsum("XI,OI->XO", x, w, preferred_element_type=out_dtype)
   barrier = jax.lax.optimization_barrier
   return barrier(jnp.einsum("OI,IX->OX", w, barrier(x.T), preferred_element_type=out_dtype)).T
@@ -211,10 +213,11 @@ def update_in_place(buffer, update, index):
 
   XLA's CPU backend widens a 16-bit float update-slice to float32, the whole buffer and back
   (a copy of the stacked cache per layer and step); on the 16-bit integer view it writes in
-  place, and the bitcasts are free on every backend.
+  place. Other backends update 16-bit floats in place as they are.
   """
   update = update.astype(buffer.dtype)
-  if buffer.dtype.itemsize != 2 or not jnp.issubdtype(buffer.dtype, jnp.floating):
+  if buffer.dtype.itemsize != 2 or not jnp.issubdtype(buffer.dtype, jnp.floating) \
+      or jax.default_backend() != "cpu":
     return jax.lax.dynamic_update_slice(buffer, update, index)
   bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16)
   written = jax.lax.dynamic_update_slice(bits(buffer), bits(update), index)
