@@ -134,6 +134,11 @@ OUT_MAJOR = {"attn/q_einsum/w": (0, 2, 1),             # (N, D, H) -> (N, H, D)
 OUT_MAJOR_SUFFIX = "_out_major"
 
 
+def on_cpu() -> bool:
+  """Whether jax computes on the CPU: the layout workarounds below are for XLA's CPU backend."""
+  return jax.default_backend() == "cpu"
+
+
 def contract_out_major(x, w, out_dtype=None, kernel=True):
   """x (X, I), w (O, I) as stored -> (X, O) in out_dtype (default x's), computed in x's dtype.
 
@@ -147,7 +152,7 @@ def contract_out_major(x, w, out_dtype=None, kernel=True):
   """
   out_dtype = out_dtype or x.dtype
   rows = x.shape[0]
-  cpu = jax.default_backend() == "cpu"
+  cpu = on_cpu()
   if cpu and kernel and rows <= DECODE_ROWS and w.dtype == jnp.bfloat16 \
       and cpu_matvec.available():
     return cpu_matvec.matvec(x, w).astype(out_dtype)
@@ -217,7 +222,7 @@ def update_in_place(buffer, update, index):
   """
   update = update.astype(buffer.dtype)
   if buffer.dtype.itemsize != 2 or not jnp.issubdtype(buffer.dtype, jnp.floating) \
-      or jax.default_backend() != "cpu":
+      or not on_cpu():
     return jax.lax.dynamic_update_slice(buffer, update, index)
   bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16)
   written = jax.lax.dynamic_update_slice(bits(buffer), bits(update), index)

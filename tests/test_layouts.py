@@ -111,3 +111,35 @@ def test_cache_update_is_exact_and_in_place(dtype):
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   whole = ",".join(map(str, shape))
   assert f"f32[{whole}]" not in hlo or dtype == jnp.float32, "the cache was widened to float32"
+
+
+@pytest.mark.parametrize("rows", [1, 8, 40])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_contract_out_major_off_the_cpu_is_one_plain_product(rows, dtype, monkeypatch):
+  """On an accelerator (backend patched here) the product is one dot with no layout barriers
+  and no CPU kernel, and gives the CPU path's values."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((rows, 384)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((200, 384)), dtype)
+  on_cpu = np.asarray(jax.jit(gemma.contract_out_major)(x, w))
+  monkeypatch.setattr(gemma, "on_cpu", lambda: False)
+  product = lambda x, w: gemma.contract_out_major(x, w)  # new function: jax's caches miss
+  jaxpr = str(jax.make_jaxpr(product)(x, w))
+  assert jaxpr.count("dot_general") == 1
+  assert "optimization_barrier" not in jaxpr and "ffi" not in jaxpr and "custom_call" not in jaxpr
+  off_cpu = np.asarray(jax.jit(product)(x, w))
+  assert off_cpu.shape == (rows, 200) and off_cpu.dtype == np.float32
+  np.testing.assert_allclose(off_cpu, on_cpu, rtol=0, atol=1e-5 * np.abs(on_cpu).max())
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_cache_update_off_the_cpu_is_a_plain_update(dtype, monkeypatch):
+  """Off the CPU no integer view is taken (only XLA:CPU widens a 16-bit update); the values
+  are those of dynamic_update_slice."""
+  cache = jnp.asarray(np.random.default_rng(0).standard_normal((3, 1, 16, 1, 8)), dtype)
+  new = jnp.asarray(np.random.default_rng(1).standard_normal((1, 1, 1, 1, 8)), jnp.float32)
+  monkeypatch.setattr(gemma, "on_cpu", lambda: False)
+  write = lambda c, n: gemma.update_in_place(c, n, (1, 0, 7, 0, 0))
+  assert "bitcast_convert_type" not in str(jax.make_jaxpr(write)(cache, new))
+  want = jax.lax.dynamic_update_slice(cache, new.astype(dtype), (1, 0, 7, 0, 0))
+  np.testing.assert_array_equal(np.asarray(jax.jit(write)(cache, new)), np.asarray(want))
