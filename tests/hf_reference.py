@@ -21,6 +21,9 @@ verified in its source and guarded by an assertion or by the self-check test:
   explicitly; ``hf_greedy`` rewrites them with a forward pre-hook.
 * Gemma 2's sliding window is disabled by declaring every layer
   ``full_attention`` (and the window is 8192 anyway).
+* PaliGemma applies Gemma 2's final-logit softcap only from transformers 5.23 on
+  (5.17-5.22 leave it out; found on a GPU machine with 5.17, where the self-check
+  failed by ~20% on the Gemma 2 specs): ``hf_config`` refuses them for Gemma 2.
 """
 
 from __future__ import annotations
@@ -38,6 +41,18 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+GEMMA2_MIN_TRANSFORMERS = (5, 23)
+
+
+def _check_transformers(spec: dict):
+    found = tuple(int(p) for p in transformers.__version__.split(".")[:2])
+    if spec["gemma2"] and found < GEMMA2_MIN_TRANSFORMERS:
+        raise RuntimeError(
+            f"a Gemma 2 reference needs transformers >= "
+            f"{'.'.join(map(str, GEMMA2_MIN_TRANSFORMERS))} (found {transformers.__version__}): "
+            "older PaliGemma models drop Gemma 2's final-logit softcap, so the reference would "
+            "be wrong. pip install -r requirements-test.txt")
+
 _VIT = "img/Transformer/encoderblock/"
 _MHA = _VIT + "MultiHeadDotProductAttention_0/"
 
@@ -50,6 +65,7 @@ def _image_tokens(spec):
 
 
 def hf_config(spec: dict) -> PaliGemmaConfig:
+    _check_transformers(spec)
     d, v = spec["llm_width"], spec["vocab"]
     vision = SiglipVisionConfig(
         hidden_size=spec["vit_width"],

@@ -372,3 +372,14 @@ def test_only_text_embeddings_are_scaled(name):
     np.testing.assert_allclose(emb[n_img:], want_text, rtol=1e-6, atol=1e-6)
     want_img = np_vit(params(name), spec, x)[0]
     assert rel_err(emb[:n_img], want_img) < 1e-5  # unscaled image features
+
+
+def test_gemma2_reference_refuses_transformers_without_the_final_softcap(monkeypatch):
+    """transformers 5.17-5.22 build a PaliGemma that skips Gemma 2's final-logit softcap (this
+    self-check then fails by ~20%); such a version is refused for Gemma 2 specs only."""
+    monkeypatch.setattr(R.transformers, "__version__", "5.22.0")
+    R.hf_config(F.SPECS["pg1_mqa"])
+    with pytest.raises(RuntimeError, match=r"transformers >= 5\.23 \(found 5\.22\.0\)"):
+        R.hf_config(F.SPECS["pg2_gqa"])
+    monkeypatch.setattr(R.transformers, "__version__", "5.23.0")
+    assert R.hf_config(F.SPECS["pg2_gqa"]).text_config.final_logit_softcapping == 30.0
