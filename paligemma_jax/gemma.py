@@ -147,8 +147,8 @@ def contract_out_major(x, w, out_dtype=None, kernel=True):
   widen it in a pass of its own. Otherwise the product is phrased (O, I) @ (I, X), which
   XLA's CPU dot runs 2-3x faster than (X, I) @ (I, O) (measured at 8 rows). The barriers
   keep layout assignment from folding the activation transposes into the dot, which turns
-  it back into the slow form. On a GPU the plain product is best: the barriers there cost
-  7% of a 3b decode step (benchmarks/README.md).
+  it back into the slow form. Off the CPU the product is one plain dot, which XLA's GPU
+  backend reads at 2.8-3.0 TB/s on an H100 for the large decode weights (benchmarks/README.md).
   """
   out_dtype = out_dtype or x.dtype
   rows = x.shape[0]
