@@ -15,7 +15,6 @@ import glob
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -28,13 +27,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 
-def timed_loop(fn, *args, reps=20):
-  """Seconds per call of jitted `fn`, `reps` calls dispatched back to back, then one wait."""
-  jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  outs = [fn(*args) for _ in range(reps)]
-  jax.block_until_ready(outs)
-  return (time.perf_counter() - t0) / reps
+def timed(fn, *args):
+  """Seconds per call of jitted `fn`: median of 5 samples of 20 calls dispatched back to back."""
+  return roofline.median_time(lambda: fn(*args), reps=5, inner=20)
 
 
 def matvecs(dtype):
@@ -49,8 +44,8 @@ def matvecs(dtype):
     wt = w.T.copy()
     cols = jax.jit(lambda x, w: jnp.einsum("XI,IO->XO", x, w, preferred_element_type=jnp.float32))
     nbytes = w.size * w.dtype.itemsize
-    out[f"{o}x{i}"] = dict(out_major_GBps=nbytes / timed_loop(rows, x, w) / 1e9,
-                           stored_GBps=nbytes / timed_loop(cols, x, wt) / 1e9)
+    out[f"{o}x{i}"] = dict(out_major_GBps=nbytes / timed(rows, x, w) / 1e9,
+                           stored_GBps=nbytes / timed(cols, x, wt) / 1e9)
     del w, wt
   return out
 
@@ -87,8 +82,6 @@ def main():
   ap.add_argument("--out_major", choices=["true", "false"], default="true")
   ap.add_argument("--top", type=int, default=30)
   ap.add_argument("--skip_micro", action="store_true")
-  ap.add_argument("--plain_dot", action="store_true",
-                  help="decode products as one plain einsum (no layout barriers)")
   args = ap.parse_args()
   if not args.skip_micro:
     print("read GB/s:", {k: round(v / 1e9, 1) for k, v in roofline.measure_bandwidth().items()},
@@ -96,10 +89,6 @@ def main():
     for shape, r in matvecs(jnp.dtype(args.dtype)).items():
       print(f"matvec {shape}: " + ", ".join(f"{k} {v:.0f}" for k, v in r.items()), flush=True)
 
-  if args.plain_dot:
-    from paligemma_jax import gemma
-    gemma.contract_out_major = lambda x, w, out_dtype=None, kernel=True: jnp.einsum(
-        "XI,OI->XO", x, w.astype(x.dtype), preferred_element_type=out_dtype or x.dtype)
   spec = bench.PRESETS[args.preset]
   config = bench.spec_config(spec)
   params = bench.init_params_lean(config, jnp.dtype(args.dtype))

@@ -62,7 +62,7 @@ def prefill_flops(spec: dict, batch: int, prompt_len: int) -> dict:
 # ---------------------------------------------------------------------------
 # Measuring.
 
-def _median_time(fn, reps: int, inner: int = 1) -> float:
+def median_time(fn, reps: int, inner: int = 1) -> float:
   """Median seconds per call of fn over `reps` samples of `inner` calls each; fn returns what
   to wait for (calls within a sample are dispatched back to back, then waited for once)."""
   _block(fn())  # warm (page faults, compilation)
@@ -106,7 +106,7 @@ def measure_bandwidth(nbytes: int | None = None, reps: int = 5) -> dict:
   accel = _accelerator()
   src = np.ones((1 << 30) // 4, np.float32)
   dst = np.empty_like(src)
-  out = {"numpy_copy": src.nbytes / _median_time(lambda: np.copyto(dst, src), reps)}
+  out = {"numpy_copy": src.nbytes / median_time(lambda: np.copyto(dst, src), reps)}
   del src, dst
   nbytes = nbytes or (4 << 30 if accel else 1 << 30)
   inner = 10 if accel else 1
@@ -118,14 +118,14 @@ def measure_bandwidth(nbytes: int | None = None, reps: int = 5) -> dict:
   def step():
     x[0] = bump(x[0])
     return x[0]
-  out["jax_copy"] = nbytes / _median_time(step, reps, inner)
+  out["jax_copy"] = nbytes / median_time(step, reps, inner)
   total = jax.jit(jnp.sum)
-  out["jax_sum"] = nbytes / _median_time(lambda: total(x[0]), reps, inner)
+  out["jax_sum"] = nbytes / median_time(lambda: total(x[0]), reps, inner)
   matrix = x[0].reshape(-1, 1024)
   del x
   vector = jnp.ones((1024,), jnp.float32)
   gemv = jax.jit(lambda m, v: m @ v)
-  out["jax_gemv"] = nbytes / _median_time(lambda: gemv(matrix, vector), reps, inner)
+  out["jax_gemv"] = nbytes / median_time(lambda: gemv(matrix, vector), reps, inner)
   del matrix
   out["best"] = max(out.values())
   return out
@@ -137,12 +137,12 @@ def measure_matmul_rate(dtype: str, n: int | None = None, reps: int = 5) -> floa
   import jax
   import jax.numpy as jnp
 
-  n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+  n = n or (8192 if _accelerator() else 2048)
   dt = jnp.dtype(dtype)
   a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32)).astype(dt)
   b = a.T + 0
   dot = jax.jit(jnp.dot)
-  return 2 * n ** 3 / _median_time(lambda: dot(a, b), reps, 10 if _accelerator() else 1)
+  return 2 * n ** 3 / median_time(lambda: dot(a, b), reps, 10 if _accelerator() else 1)
 
 
 def measure_torch_matmul_rate(dtype: str, device: str = "cpu", n: int | None = None,
@@ -162,4 +162,4 @@ def measure_torch_matmul_rate(dtype: str, device: str = "cpu", n: int | None = N
       a @ b
     sync()
   with torch.no_grad():
-    return 2 * n ** 3 * (10 if cuda else 1) / _median_time(products, reps)
+    return 2 * n ** 3 * (10 if cuda else 1) / median_time(products, reps)
