@@ -33,6 +33,7 @@ import contextlib
 import numpy as np
 import torch
 import transformers
+from packaging.version import Version
 from transformers import (
     Gemma2Config,
     GemmaConfig,
@@ -45,7 +46,7 @@ GEMMA2_MIN_TRANSFORMERS = (5, 23)
 
 
 def _check_transformers(spec: dict):
-    found = tuple(int(p) for p in transformers.__version__.split(".")[:2])
+    found = Version(transformers.__version__).release[:2]  # "6.0rc1", "5.24.0.dev0" parse too
     if spec["gemma2"] and found < GEMMA2_MIN_TRANSFORMERS:
         raise RuntimeError(
             f"a Gemma 2 reference needs transformers >= "
