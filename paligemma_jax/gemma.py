@@ -46,15 +46,51 @@ def softcap(x, cap):
   return x if not cap else jnp.tanh(x / cap) * cap
 
 
-def apply_rope(x, positions):
-  """Rotary embedding, halves split. x: (B, T, N, H); positions: (B, T) int."""
-  h = x.shape[-1]
-  # Inverse frequencies rounded once from float64, as PyTorch computes them.
-  inv_freq = (1.0 / ROPE_BASE ** (np.arange(0, h, 2) / h)).astype(np.float32)
-  angle = positions.astype(jnp.float32)[..., None] * inv_freq  # BT(H/2)
-  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+def rope_table(positions, head_dim, num_positions):
+  """positions (B, T) int in [0, num_positions) -> (cos, sin), each (B, T, 1, 2, H/2) float32:
+  (cos, cos) and (-sin, sin) over the two halves of a head.
+
+  Looked up in a table made at trace time and shared by every layer. Computed in the graph,
+  XLA's CPU backend fuses sin and cos into each layer's rotation and evaluates them again
+  per head and layer (~2 ms a layer in prefill).
+  """
+  # Inverse frequencies rounded once from float64, angles in float32, as PyTorch computes them.
+  inv_freq = (1.0 / ROPE_BASE ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+  angle = np.arange(num_positions, dtype=np.float32)[:, None] * inv_freq  # (P, H/2)
+  cos, sin = np.cos(angle), np.sin(angle)
+  lookup = lambda table: jnp.take(jnp.asarray(table), positions, axis=0, mode="clip")[:, :, None]
+  return lookup(np.stack([cos, cos], 1)), lookup(np.stack([-sin, sin], 1))
+
+
+def apply_rope(x, rope):
+  """Rotary embedding, halves split: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+
+  x: (B, T, N, H); rope: `rope_table` of its positions. One elementwise pass: the halves are
+  swapped by reversing an axis of size 2.
+  """
+  cos, sin = rope
+  halves = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, -1)
+  return (halves * cos + halves[..., ::-1, :] * sin).reshape(x.shape).astype(x.dtype)
+
+
+def dot_product_attention(q, k, v, mask, cap=None):
+  """q (B,T,N,H) (already scaled), k, v (B,S,K,H), mask (B,T,S) bool -> (B,T,N,H).
+
+  The G = N/K query heads that share a kv head are folded into the query axis, so that the
+  two products and the softmax run on (B, K, T*G, S) with S last: with one kv head every
+  reshape here is free, where a 5-axis einsum made XLA's CPU backend transpose the scores
+  and the queries in every layer.
+  """
+  b, t, n, h = q.shape
+  k_heads = k.shape[2]
+  g = n // k_heads
+  q = q.reshape(b, t, k_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b, k_heads, t * g, h)
+  logits = jnp.einsum("BKQH,BSKH->BKQS", q, k, preferred_element_type=jnp.float32)
+  logits = softcap(logits, cap).reshape(b, k_heads, t, g, -1)
+  logits = jnp.where(mask[:, None, :, None, :], logits, MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype).reshape(b, k_heads, t * g, -1)
+  out = jnp.einsum("BKQS,BSKH->BKQH", probs, v)
+  return out.reshape(b, k_heads, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
 class RMSNorm(nn.Module):
@@ -241,8 +277,9 @@ class Attention(nn.Module):
   out_major: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache, write_index, keep=None):
-    """x: (B,T,D); mask: (B,T,S), S = T (attend to these inputs) or S = cache size.
+  def __call__(self, x, rope, mask, cache, write_index, keep=None):
+    """x: (B,T,D); rope: `rope_table` of x's positions; mask: (B,T,S), S = T (attend to these
+    inputs) or S = cache size.
 
     cache: None or {"k", "v"}: (B, S_cache, K, H), or (L, B, S_cache, K, H) when `layer` is
     set. The new keys/values are written at `write_index` (in place, in layer `layer`);
@@ -252,7 +289,7 @@ class Attention(nn.Module):
     """
     c = self.config
     n, k_heads, h, d = c.num_heads, c.num_kv_heads, c.head_dim, c.width
-    q_positions = positions if keep is None else take_rows(positions, keep)
+    q_rope = rope if keep is None else tuple(take_rows(a, keep) for a in rope)
     if keep is not None:
       mask = take_rows(mask, keep)
     if n == k_heads:
@@ -264,8 +301,8 @@ class Attention(nn.Module):
           "BTD,NDH->BTNH", x if keep is None else take_rows(x, keep))
       k, v = Einsum((2, k_heads, d, h), self.dtype, self.out_major,
                     name="kv_einsum")("BSD,CKDH->CBSKH", x)
-    q = apply_rope(q, q_positions) * jnp.asarray(c.query_pre_attn_scalar**-0.5, self.dtype)
-    k = apply_rope(k, positions)
+    q = apply_rope(q, q_rope) * jnp.asarray(c.query_pre_attn_scalar**-0.5, self.dtype)
+    k = apply_rope(k, rope)
 
     new_cache = None
     if cache is not None:
@@ -277,13 +314,7 @@ class Attention(nn.Module):
         read = lambda c: (c[self.layer] if stacked else c).astype(self.dtype)
         k, v = read(new_cache["k"]), read(new_cache["v"])
 
-    b, t = q.shape[:2]
-    q = q.reshape(b, t, k_heads, n // k_heads, h)
-    logits = jnp.einsum("BTKGH,BSKH->BTKGS", q, k, preferred_element_type=jnp.float32)
-    logits = softcap(logits, c.attn_logits_softcap)
-    logits = jnp.where(mask[:, :, None, None, :], logits, MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+    encoded = dot_product_attention(q, k, v, mask, c.attn_logits_softcap)
     out = Einsum((n, h, d), self.dtype, self.out_major,
                  name="attn_vec_einsum")("BTNH,NHD->BTD", encoded)
     return out, new_cache
@@ -331,12 +362,12 @@ class Block(nn.Module):
   out_major: bool = False
 
   @nn.compact
-  def __call__(self, x, cache, positions, mask, write_index, keep=None):
+  def __call__(self, x, cache, rope, mask, write_index, keep=None):
     """keep: see `Attention`; the residual stream then continues for those rows only."""
     c = self.config
     y = RMSNorm(name="pre_attention_norm")(x)
     y, new_cache = Attention(c, self.dtype, self.layer, self.out_major, name="attn")(
-        y, positions, mask, cache, write_index, keep)
+        y, rope, mask, cache, write_index, keep)
     if keep is not None:
       x = take_rows(x, keep)
     if c.post_norms:
@@ -390,13 +421,15 @@ class Gemma(nn.Module):
     rows alone (every layer's keys and values are still computed for all T).
     """
     x = x.astype(self.dtype)
+    num_positions = x.shape[1] if cache is None else cache["k"].shape[-3]
+    rope = rope_table(positions, self.config.head_dim, num_positions)
     if self.scan_layers:
-      x, cache = self.layers(x, cache, positions, mask, write_index)
+      x, cache = self.layers(x, cache, rope, mask, write_index)
       x = x if keep is None else take_rows(x, keep)
     else:
       for i, block in enumerate(self.layers):
         last = i == len(self.layers) - 1
-        x, cache = block(x, cache, positions, mask, write_index, keep if last else None)
+        x, cache = block(x, cache, rope, mask, write_index, keep if last else None)
     return self.final_norm(x), cache
 
   def logits(self, hidden):

@@ -277,11 +277,11 @@ def weight_stationary(mesh: Mesh):
         and args[5] is None:
       # The cache stays in the loop's layout on the way in and out, so the layers never
       # re-lay it out (e.g. when K does not divide the model axis).
-      x, positions, mask, cache, write_index, _ = args
+      x, rope, mask, cache, write_index, _ = args
       spec = _cache_spec(module.config.num_kv_heads, x.shape[0], mesh)
       spec = spec if module.layer is not None else spec[1:]  # whole cache or one layer's
       cache = jax.tree_util.tree_map(lambda c: _constrain(c, spec, mesh), cache)
-      out, new_cache = next_fun(x, positions, mask, cache, write_index, None)
+      out, new_cache = next_fun(x, rope, mask, cache, write_index, None)
       return out, jax.tree_util.tree_map(lambda c: _constrain(c, spec, mesh), new_cache)
     if isinstance(module, gemma.FeedForward) and method == "__call__" and len(args) == 1:
       (x,) = args  # (B, T, D): gating_einsum (2, D over data, F over model)
