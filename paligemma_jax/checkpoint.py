@@ -224,6 +224,10 @@ class Loaded:
   source: str
 
 
+# The subtrees big_vision stacks over depth; `unstack` splits them into `<name>_i`.
+STACKED_TOWERS = ("llm/layers", "img/Transformer/encoderblock")
+
+
 def load_npz(path: str, dtype=jnp.float32, overrides: Optional[Mapping] = None,
              place: Optional[Callable[[str, np.ndarray], jax.Array]] = None,
              unstack: bool = False, out_major: bool = False) -> Loaded:
@@ -250,9 +254,10 @@ def load_npz(path: str, dtype=jnp.float32, overrides: Optional[Mapping] = None,
   for key in sorted(arrays):
     host = arrays.pop(key)  # drop our reference as soon as it is on the device
     pieces = [(key, host)]
-    if unstack and key.startswith("llm/layers/"):
-      pieces = [(f"llm/layers_{i}/{name}", a) for i, (name, a) in enumerate(
-          gemma.split_layers(key[len("llm/layers/"):], host, out_major))]
+    tower = next((t for t in STACKED_TOWERS if key.startswith(t + "/")), None)
+    if unstack and tower:
+      pieces = [(f"{tower}_{i}/{name}", a) for i, (name, a) in enumerate(
+          gemma.split_layers(key[len(tower) + 1:], host, out_major and tower == "llm/layers"))]
     for piece_key, piece in pieces:
       piece = np.ascontiguousarray(piece, dtype=dtype)
       flat[piece_key] = place(piece_key, piece)

@@ -447,45 +447,49 @@ def split_layers(name: str, stacked, out_major: bool = False):
   return [(name + OUT_MAJOR_SUFFIX, stacked[i].transpose(perm)) for i in range(stacked.shape[0])]
 
 
-def unstack_layers(llm_params: dict, consume: bool = False, out_major: bool = False) -> dict:
-  """big_vision's `llm` tree (stacked `layers`) -> the scan_layers=False tree (`layers_i`).
+def unstack_layers(params: dict, consume: bool = False, out_major: bool = False,
+                   name: str = "layers") -> dict:
+  """A tree with one subtree `name` stacked over depth (big_vision's `llm` with `layers`, or
+  its `img/Transformer` with `encoderblock`) -> the unscanned tree (`<name>_i`, i < depth).
 
-  out_major: see `split_layers`. consume=True pops `layers` from `llm_params` and drops each
+  out_major: see `split_layers`. consume=True pops `name` from `params` and drops each
   stacked array once it is split, so at most one array exists twice at any time (the caller
   must hold no other reference); otherwise the input is left intact.
   """
-  if "layers" not in llm_params:
-    return llm_params
-  src = llm_params if consume else dict(llm_params)
-  flat = traverse_util.flatten_dict(src.pop("layers"), sep="/")
+  if name not in params:
+    return params
+  src = params if consume else dict(params)
+  flat = traverse_util.flatten_dict(src.pop(name), sep="/")
   depth = next(iter(flat.values())).shape[0]
   per_layer = [{} for _ in range(depth)]
   for key in list(flat):
     stacked = flat.pop(key)
-    for i, (name, array) in enumerate(split_layers(key, stacked, out_major)):
-      per_layer[i][name] = array
+    for i, (leaf, array) in enumerate(split_layers(key, stacked, out_major)):
+      per_layer[i][leaf] = array
     del stacked
   out = dict(src)
   for i, layer in enumerate(per_layer):
-    out[f"layers_{i}"] = traverse_util.unflatten_dict(layer, sep="/")
+    out[f"{name}_{i}"] = traverse_util.unflatten_dict(layer, sep="/")
   return out
 
 
-def stack_layers(llm_params: dict) -> dict:
+def stack_layers(params: dict, name: str = "layers") -> dict:
   """The inverse of `unstack_layers` (a tree already stacked is returned as is)."""
-  names = sorted((k for k in llm_params if k.startswith("layers_")), key=lambda k: int(k[7:]))
+  prefix = name + "_"
+  is_layer = lambda k: k.startswith(prefix) and k[len(prefix):].isdigit()
+  names = sorted(filter(is_layer, params), key=lambda k: int(k[len(prefix):]))
   if not names:
-    return llm_params
-  out = {k: v for k, v in llm_params.items() if not k.startswith("layers_")}
+    return params
+  out = {k: v for k, v in params.items() if not is_layer(k)}
   layers = {}
-  for key in traverse_util.flatten_dict(llm_params[names[0]], sep="/"):
-    name, perm = key, None
+  for key in traverse_util.flatten_dict(params[names[0]], sep="/"):
+    leaf, perm = key, None
     if key.endswith(OUT_MAJOR_SUFFIX):
-      name = key[:-len(OUT_MAJOR_SUFFIX)]
-      perm = tuple(np.argsort(OUT_MAJOR[name]))
-    per_layer = [traverse_util.flatten_dict(llm_params[n], sep="/")[key] for n in names]
-    layers[name] = jnp.stack([a if perm is None else jnp.transpose(a, perm) for a in per_layer])
-  out["layers"] = traverse_util.unflatten_dict(layers, sep="/")
+      leaf = key[:-len(OUT_MAJOR_SUFFIX)]
+      perm = tuple(np.argsort(OUT_MAJOR[leaf]))
+    per_layer = [traverse_util.flatten_dict(params[n], sep="/")[key] for n in names]
+    layers[leaf] = jnp.stack([a if perm is None else jnp.transpose(a, perm) for a in per_layer])
+  out[name] = traverse_util.unflatten_dict(layers, sep="/")
   return out
 
 

@@ -43,14 +43,14 @@ def make_attn_mask(input_mask, mask_ar):
 
 class PaliGemma(nn.Module):
   """scan_layers: True takes big_vision's tree, False the inference tree of `unstacked`
-  (out_major: of `unstacked(out_major=True)`)."""
+  (out_major: of `unstacked(out_major=True)`), in both towers."""
   config: PaliGemmaConfig
   dtype: jnp.dtype = jnp.float32
   scan_layers: bool = True
   out_major: bool = False
 
   def setup(self):
-    self.img = vit_lib.ViT(self.config.vit, self.dtype)
+    self.img = vit_lib.ViT(self.config.vit, self.dtype, self.scan_layers)
     self.llm = gemma_lib.Gemma(self.config.llm, self.dtype, self.scan_layers, self.out_major)
 
   def embed_image_and_text(self, images, text):
@@ -107,14 +107,20 @@ class PaliGemma(nn.Module):
 
 def unstacked(params: dict, consume: bool = False, out_major: bool = False) -> dict:
   """big_vision's tree -> the inference tree of `PaliGemma(scan_layers=False)`: `llm/layers`
-  split into `llm/layers_0` ... (the vision tower stays scanned: it runs once per prompt).
-  out_major, consume: see `gemma.unstack_layers`."""
-  return {**params, "llm": gemma_lib.unstack_layers(params["llm"], consume, out_major)}
+  split into `llm/layers_0` ..., `img/Transformer/encoderblock` into `encoderblock_0` ...
+  (a scan slices, i.e. copies, each layer's weights out of the stacked arrays on every call).
+  out_major (language model only), consume: see `gemma.unstack_layers`."""
+  img = dict(params["img"])
+  img["Transformer"] = gemma_lib.unstack_layers(img["Transformer"], consume, name="encoderblock")
+  return {**params, "img": img,
+          "llm": gemma_lib.unstack_layers(params["llm"], consume, out_major)}
 
 
 def stacked(params: dict) -> dict:
   """Either tree -> big_vision's (what checkpoints hold)."""
-  return {**params, "llm": gemma_lib.stack_layers(params["llm"])}
+  img = dict(params["img"])
+  img["Transformer"] = gemma_lib.stack_layers(img["Transformer"], name="encoderblock")
+  return {**params, "img": img, "llm": gemma_lib.stack_layers(params["llm"])}
 
 
 def _init(config: PaliGemmaConfig, seed: int):

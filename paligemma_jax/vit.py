@@ -1,7 +1,7 @@
 """SigLIP vision tower, parameter tree as big_vision's `models/vit.py` (`img/...`).
 
-Pre-LayerNorm encoder blocks, scanned over depth, learned position embedding,
-no pooling; `head` projects every patch token to the language model width.
+Pre-LayerNorm encoder blocks (stacked over depth in big_vision's tree), learned position
+embedding, no pooling; `head` projects every patch token to the language model width.
 """
 import dataclasses
 
@@ -68,7 +68,7 @@ def _layer_norm(name):
 
 
 class Encoder1DBlock(nn.Module):
-  """One pre-LN block; used under nn.scan, so it returns (carry, None)."""
+  """One pre-LN block; returns (carry, None), the form nn.scan takes."""
   num_heads: int
   mlp_dim: int
   dtype: jnp.dtype
@@ -85,20 +85,27 @@ class Encoder1DBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+  """scan_layers: big_vision's tree (`encoderblock` stacked over depth), else one
+  `encoderblock_i` per layer (`paligemma.unstacked`)."""
   depth: int
   num_heads: int
   mlp_dim: int
   dtype: jnp.dtype
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, x):
-    blocks = nn.scan(
-        Encoder1DBlock,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        length=self.depth)
-    x, _ = blocks(self.num_heads, self.mlp_dim, self.dtype,
-                  name="encoderblock")(x, None)
+    if self.scan_layers:
+      blocks = nn.scan(
+          Encoder1DBlock,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          length=self.depth)
+      x, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, name="encoderblock")(x, None)
+    else:
+      for i in range(self.depth):
+        x, _ = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dtype,
+                              name=f"encoderblock_{i}")(x, None)
     return _layer_norm("encoder_norm")(x)
 
 
@@ -106,6 +113,7 @@ class ViT(nn.Module):
   """images: (B, S, S, 3) in [-1, 1] -> tokens (B, (S/P)^2, out_dim)."""
   config: ViTConfig
   dtype: jnp.dtype = jnp.float32
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, images):
@@ -118,7 +126,7 @@ class ViT(nn.Module):
     pos = self.param("pos_embedding", nn.initializers.normal(1 / d**0.5),
                      (1, h * w, d), jnp.float32)
     x = x.astype(jnp.float32) + pos.astype(jnp.float32)
-    x = Transformer(c.depth, c.num_heads, c.mlp_dim, self.dtype,
+    x = Transformer(c.depth, c.num_heads, c.mlp_dim, self.dtype, self.scan_layers,
                     name="Transformer")(x.astype(self.dtype))
     return nn.Dense(c.out_dim, dtype=self.dtype, name="head")(
         x.astype(self.dtype))

@@ -22,16 +22,17 @@ def test_unstacked_tree_shapes_and_exact_round_trip(name, out_major):
   params = paligemma.init_params(config, seed=3)
   inference = _flat(paligemma.unstacked(params, out_major=out_major))
   stacked = _flat(params)
-  depth = config.llm.depth
-  assert not any(k.startswith("llm/layers/") for k in inference)
+  towers = {"llm/layers": config.llm.depth, "img/Transformer/encoderblock": config.vit.depth}
+  assert not any(k.startswith(tuple(t + "/" for t in towers)) for k in inference)
   for key, value in stacked.items():
-    if not key.startswith("llm/layers/"):
-      assert inference[key] is value  # nothing but the language-model layers changes
+    tower = next((t for t in towers if key.startswith(t + "/")), None)
+    if tower is None:
+      assert inference[key] is value  # nothing but the layers of the two towers changes
       continue
-    name_in_layer = key[len("llm/layers/"):]
-    for i in range(depth):
-      perm = gemma.OUT_MAJOR.get(name_in_layer) if out_major else None
-      got = inference[f"llm/layers_{i}/{name_in_layer}" + (gemma.OUT_MAJOR_SUFFIX if perm else "")]
+    name_in_layer = key[len(tower) + 1:]
+    for i in range(towers[tower]):
+      perm = gemma.OUT_MAJOR.get(name_in_layer) if out_major and tower == "llm/layers" else None
+      got = inference[f"{tower}_{i}/{name_in_layer}" + (gemma.OUT_MAJOR_SUFFIX if perm else "")]
       want = np.asarray(value[i]) if perm is None else np.transpose(np.asarray(value[i]), perm)
       assert got.shape == want.shape
       np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{key} layer {i}")
@@ -58,8 +59,11 @@ def test_consume_drops_the_stacked_layers_from_the_input():
   params = paligemma.init_params(config)
   kept = paligemma.unstacked(params)
   assert "layers" in params["llm"] and "layers_0" in kept["llm"]
+  assert "encoderblock" in params["img"]["Transformer"]
+  assert "encoderblock_0" in kept["img"]["Transformer"]
   paligemma.unstacked(params, consume=True)
-  assert "layers" not in params["llm"]  # no reference left to keep the stacked arrays alive
+  # No reference left to keep the stacked arrays alive:
+  assert "layers" not in params["llm"] and "encoderblock" not in params["img"]["Transformer"]
 
 
 def test_save_npz_of_an_inference_tree_writes_big_vision_layout(tmp_path):
@@ -143,3 +147,15 @@ def test_cache_update_off_the_cpu_is_a_plain_update(dtype, monkeypatch):
   assert "bitcast_convert_type" not in str(jax.make_jaxpr(write)(cache, new))
   want = jax.lax.dynamic_update_slice(cache, new.astype(dtype), (1, 0, 7, 0, 0))
   np.testing.assert_array_equal(np.asarray(jax.jit(write)(cache, new)), np.asarray(want))
+
+
+@pytest.mark.parametrize("out_major", [False, True])
+def test_load_npz_unstack_gives_the_inference_tree(ckpt_path, out_major):
+  """Splitting both towers off the memory-mapped members gives `unstacked`'s tree exactly."""
+  path = ckpt_path("pg2_gqa")
+  direct = _flat(checkpoint.load_npz(path, unstack=True, out_major=out_major).params)
+  want = _flat(paligemma.unstacked(checkpoint.load_npz(path).params, out_major=out_major))
+  assert set(direct) == set(want)
+  assert any(k.startswith("img/Transformer/encoderblock_0/") for k in direct)
+  for key, value in want.items():
+    np.testing.assert_array_equal(np.asarray(direct[key]), np.asarray(value), err_msg=key)
