@@ -1,5 +1,4 @@
 """Gemma's rotary embedding and attention core against float64 references written here."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
