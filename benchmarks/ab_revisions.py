@@ -42,8 +42,8 @@ def export_base(rev: str, into: str) -> str:
       path = os.path.join(pkg, name)
       with open(path) as f:
         text = re.sub(r"\bpaligemma_jax\b", BASE_NAME, f.read())
-        # Its own FFI target name for the CPU kernel: a second registration of one name fails.
-        text = text.replace('"paligemma_bf16_matvec"', '"paligemma_bf16_matvec_base"')
+        # Its own FFI target names for the CPU kernels: a second registration of one name fails.
+        text = text.replace('"paligemma_bf16_', '"paligemma_base_bf16_')
       with open(path, "w") as f:
         f.write(text)
   return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", rev], check=True,

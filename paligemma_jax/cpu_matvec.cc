@@ -1,12 +1,20 @@
-// y (X, O) float32 = x (X, I) float32 . w (O, I) bfloat16, for few rows X (decoding).
+// Two bfloat16 kernels for XLA's CPU backend, registered as XLA FFI targets:
+//   paligemma_bf16_matvec: y (X, O) float32 = x (X, I) float32 . w (O, I) bfloat16, for few
+//     rows X (decoding);
+//   paligemma_bf16_rows: rows (X, D) float32 = table (V, D) bfloat16 at index (X,) (the
+//     embedding lookup).
 //
 // Why a kernel: on CPUs without bfloat16 arithmetic XLA widens bfloat16 weights to float32
 // in a pass of its own before the dot, so a bfloat16 decode step reads and writes more bytes
 // than a float32 one. Here each weight row is widened in registers (a bfloat16 is the top
 // half of a float32) and read from memory once, for all X rows.
 //
-// Built by cpu_matvec.py with the compiler of the machine (-march=native) and registered as
-// the XLA FFI target "paligemma_bf16_matvec" on the CPU platform.
+// The lookup: XLA's CPU backend has no bfloat16 dynamic-slice or gather; it widens the whole
+// table to float32 first, and in a decode loop that widening is hoisted out of the loop and
+// runs on every decode call (1 GB written for a 257k x 1024 embedding).
+//
+// Built by cpu_matvec.py with the compiler of the machine (-march=native) and registered on
+// the CPU platform.
 
 #include <algorithm>
 #include <atomic>
@@ -168,7 +176,29 @@ ffi::Error MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// Index r is clamped to [0, V) as XLA's dynamic-slice clamps a start index.
+ffi::Error RowsImpl(ffi::Buffer<ffi::BF16> table, ffi::Buffer<ffi::S32> index,
+                    ffi::ResultBuffer<ffi::F32> rows) {
+  const auto td = table.dimensions(), id = index.dimensions();
+  if (td.size() != 2 || id.size() != 1 || td[0] < 1)
+    return ffi::Error::InvalidArgument("paligemma_bf16_rows: table (V >= 1, D), index (X,)");
+  const int64_t v = td[0], d = td[1];
+  const auto* w = reinterpret_cast<const uint16_t*>(table.typed_data());
+  float* out = rows->typed_data();
+  for (int64_t r = 0; r < id[0]; ++r) {
+    const int64_t i = std::clamp<int64_t>(index.typed_data()[r], 0, v - 1);
+    for (int64_t j = 0; j < d; ++j) out[r * d + j] = Widen1(w[i * d + j]);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PaligemmaBf16Rows, RowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PaligemmaBf16Matvec, MatvecImpl,
                               ffi::Ffi::Bind()

@@ -229,7 +229,7 @@ class Embedder(nn.Module):
   vocab_size: int
   width: int
   dtype: jnp.dtype
-  out_major: bool = False  # the one-device inference tree: the bfloat16 kernel may read it
+  out_major: bool = False  # the one-device inference tree: the bfloat16 kernels may read it
 
   def setup(self):
     self.input_embedding = self.param(
@@ -237,7 +237,11 @@ class Embedder(nn.Module):
 
   def encode(self, tokens):
     """(B, T) int -> (B, T, D), scaled by sqrt(D) as Gemma does for text."""
-    x = self.input_embedding[(tokens,)].astype(self.dtype)
+    table = self.input_embedding
+    if self.out_major and on_cpu() and table.dtype == jnp.bfloat16 and cpu_matvec.available():
+      x = cpu_matvec.rows(table, tokens).astype(self.dtype)  # see cpu_matvec.rows
+    else:
+      x = table[(tokens,)].astype(self.dtype)
     return x * jnp.sqrt(self.width).astype(self.dtype)
 
   def decode(self, x):

@@ -63,6 +63,20 @@ def test_matvec_rejects_shapes_and_dtypes_with_both_named():
     cpu_matvec.matvec(jnp.ones((2, 8)), jnp.ones((3, 8), jnp.float32))
 
 
+@pytest.mark.parametrize("shape", [(1,), (2, 7), (0,)])
+def test_rows_equal_jnp_indexing(shape):
+  """Every row exact (bfloat16 widens exactly), negative indices counted from the end and
+  out-of-range ones clamped, as `table[index]` does."""
+  rng = np.random.default_rng(len(shape))
+  table = _bf16(rng.standard_normal((300, 70)))
+  index = jnp.asarray(rng.integers(-310, 310, shape), jnp.int32)
+  got = jax.jit(cpu_matvec.rows)(table, index)
+  assert got.shape == (*shape, 70) and got.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(table[index].astype(jnp.float32)))
+  with pytest.raises(ValueError, match=r"bfloat16 table.*\(300, 70\) float32"):
+    cpu_matvec.rows(table.astype(jnp.float32), index)
+
+
 def _hlo(f, *args):
   return jax.jit(lambda *a: f(*a)).lower(*args).as_text()  # a fresh trace, never a cached one
 
@@ -116,7 +130,11 @@ def test_bfloat16_weights_decode_like_reference(name, ckpt_path, flat_params, to
                            cache_dtype="float32")
   [ours] = pipe.generate([test_image], ["caption en"], max_decode_len=16)
   [(_, compiled_decode)] = pipe._compiled.values()
-  assert cpu_matvec.TARGET in compiled_decode.as_text()
+  hlo = compiled_decode.as_text()
+  assert cpu_matvec.TARGET in hlo and cpu_matvec.ROWS_TARGET in hlo
+  # XLA's own lookup widened the whole embedding to float32 on every decode call.
+  v, d = loaded.params["llm"]["embedder"]["input_embedding"].shape
+  assert f"f32[{v},{d}]" not in hlo
   rounded = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32)
              for k, v in flat_params[name].items()}
   hf = hf_reference.build_hf_paligemma(rounded, spec)
@@ -139,11 +157,17 @@ def test_bfloat16_weights_decode_like_reference(name, ckpt_path, flat_params, to
   np.testing.assert_allclose(ours.logprobs, logp, atol=1e-4)
 
 
-def test_the_head_takes_the_kernel_only_on_the_one_device_tree():
-  """On a mesh the embedding is sharded, and the kernel would need it gathered whole."""
+def test_the_embedder_takes_the_kernels_only_on_the_one_device_tree():
+  """On a mesh the embedding is sharded, and the kernels would need it gathered whole."""
   table = {"input_embedding": _bf16(np.random.default_rng(2).standard_normal((512, 64)))}
   x = jnp.ones((2, 1, 64), jnp.bfloat16)
+  tokens = jnp.array([[5, 511, 0]], jnp.int32)
+  encoded = []
   for out_major in (False, True):
-    head = gemma.Embedder(512, 64, jnp.bfloat16, out_major=out_major)
-    hlo = _hlo(lambda x: head.apply({"params": table}, x, method="decode"), x)
+    embedder = gemma.Embedder(512, 64, jnp.float32, out_major=out_major)
+    hlo = _hlo(lambda x: embedder.apply({"params": table}, x, method="decode"), x)
     assert (cpu_matvec.TARGET in hlo) == out_major
+    encode = lambda t: embedder.apply({"params": table}, t, method="encode")
+    assert (cpu_matvec.ROWS_TARGET in _hlo(encode, tokens)) == out_major
+    encoded.append(np.asarray(encode(tokens)))
+  np.testing.assert_array_equal(encoded[0], encoded[1])
