@@ -473,9 +473,13 @@ def main(argv=None):
         fraction_of_bandwidth_floor=hf_step_bytes["total"] / bandwidth["best"] / (h_dec / steps),
         matmul_GFLOPs_torch=mm_hf / 1e9, transformers=__import__("transformers").__version__,
         torch=__import__("torch").__version__, attn=args.hf_attn, runs=runs_hf)
+    # Run i of each side ran back to back, so their ratio shares that moment's load.
+    per_run = lambda key, f: [f(o[key], h[key]) for o, h in zip(runs_ours, runs_hf)]
     result["ratios"] = dict(
         decode_tokens_per_s_ours_over_hf=ours_fig["decode_tokens_per_s"] / (b * steps / h_dec),
-        prefill_time_ours_over_hf=o_pre / h_pre)
+        prefill_time_ours_over_hf=o_pre / h_pre,
+        per_run_decode_tokens_per_s=per_run("decode_s", lambda o, h: h / o),
+        per_run_prefill_time=per_run("prefill_s", lambda o, h: o / h))
     same = (tokens_ours == tokens_hf)
     first_diff = [int(np.argmin(row)) if not row.all() else n for row in same]
     result["agreement"] = dict(rows_identical=int(same.all(axis=1).sum()), rows=b,
@@ -538,6 +542,11 @@ def report(r) -> str:
     ag = r["agreement"]
     lines.append(f"ratios: decode tokens/s ours/HF {ratio['decode_tokens_per_s_ours_over_hf']:.3f}"
                  f", prefill time ours/HF {ratio['prefill_time_ours_over_hf']:.3f}")
+    spread = lambda xs: "median {:.3f} [quartiles {:.3f}, {:.3f}]".format(
+        median(xs), *np.percentile(xs, [25, 75]))
+    lines.append(f"per-run ratios (run i of each side): decode tokens/s "
+                 f"{spread(ratio['per_run_decode_tokens_per_s'])}, prefill time "
+                 f"{spread(ratio['per_run_prefill_time'])}")
     lines.append(f"greedy agreement: {ag['rows_identical']}/{ag['rows']} rows identical, "
                  f"{100 * ag['tokens_equal_fraction']:.1f}% of tokens")
   lines.append(f"peak resident memory of this process: {r['peak_rss_GiB']:.1f} GiB")
