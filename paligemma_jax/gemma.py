@@ -175,22 +175,27 @@ def on_cpu() -> bool:
   return jax.default_backend() == "cpu"
 
 
+def bf16_kernel_reads(w, allowed: bool = True) -> bool:
+  """Whether `cpu_matvec` reads w: a bfloat16 w on the CPU, where the caller allows it (w is
+  whole on this device: a sharded w would be gathered for it)."""
+  return allowed and on_cpu() and w.dtype == jnp.bfloat16 and cpu_matvec.available()
+
+
 def contract_out_major(x, w, out_dtype=None, kernel=True):
   """x (X, I), w (O, I) as stored -> (X, O) in out_dtype (default x's), computed in x's dtype.
 
-  Few rows on the CPU: a bfloat16 w goes to `cpu_matvec` if `kernel` (w is whole on this
-  device: a sharded w would be gathered for it); it widens w in registers where XLA would
-  widen it in a pass of its own. Otherwise the product is phrased (O, I) @ (I, X), which
-  XLA's CPU dot runs 2-3x faster than (X, I) @ (I, O) (measured at 8 rows). The barriers
-  keep layout assignment from folding the activation transposes into the dot, which turns
-  it back into the slow form. Off the CPU the product is one plain dot, which XLA's GPU
-  backend reads at 2.8-3.0 TB/s on an H100 for the large decode weights (benchmarks/README.md).
+  Few rows on the CPU: a bfloat16 w goes to `cpu_matvec` if `kernel` (`bf16_kernel_reads`);
+  it widens w in registers where XLA would widen it in a pass of its own. Otherwise the
+  product is phrased (O, I) @ (I, X), which XLA's CPU dot runs 2-3x faster than
+  (X, I) @ (I, O) (measured at 8 rows). The barriers keep layout assignment from folding the
+  activation transposes into the dot, which turns it back into the slow form. Off the CPU
+  the product is one plain dot, which XLA's GPU backend reads at 2.8-3.0 TB/s on an H100 for
+  the large decode weights (benchmarks/README.md).
   """
   out_dtype = out_dtype or x.dtype
   rows = x.shape[0]
   cpu = on_cpu()
-  if cpu and kernel and rows <= DECODE_ROWS and w.dtype == jnp.bfloat16 \
-      and cpu_matvec.available():
+  if rows <= DECODE_ROWS and bf16_kernel_reads(w, kernel):
     return cpu_matvec.matvec(x, w).astype(out_dtype)
   w = w.astype(x.dtype)
   if rows > DECODE_ROWS or not cpu:  # prefill is bound by arithmetic: the plain product
@@ -238,7 +243,7 @@ class Embedder(nn.Module):
   def encode(self, tokens):
     """(B, T) int -> (B, T, D), scaled by sqrt(D) as Gemma does for text."""
     table = self.input_embedding
-    if self.out_major and on_cpu() and table.dtype == jnp.bfloat16 and cpu_matvec.available():
+    if bf16_kernel_reads(table, self.out_major):
       x = cpu_matvec.rows(table, tokens).astype(self.dtype)  # see cpu_matvec.rows
     else:
       x = table[(tokens,)].astype(self.dtype)
