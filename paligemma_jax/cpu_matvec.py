@@ -3,7 +3,8 @@
 XLA's CPU backend has no bfloat16 arithmetic on most x86 CPUs: it widens a bfloat16 weight
 to float32 in a memory pass of its own before the dot (or hoists that out of the decode
 loop and keeps float32 copies), so bfloat16 decoding reads more bytes than float32. `matvec`
-widens in registers and reads each weight once. `rows` looks up embedding rows, which XLA
+widens in registers and reads each weight once; `gemm` does the prefill's products without
+float32 copies of the weights. `rows` looks up embedding rows, which XLA
 does by widening the whole table first, again hoisted out of the decode loop: ~0.35 s per
 decode call for a 257k x 1024 table here.
 
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 TARGET = "paligemma_bf16_matvec"
+GEMM_TARGET = "paligemma_bf16_gemm"
 ROWS_TARGET = "paligemma_bf16_rows"
 SOURCE = pathlib.Path(__file__).with_name("cpu_matvec.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -76,6 +78,8 @@ def available() -> bool:
     lib = ctypes.cdll.LoadLibrary(str(_build(cache_dir)))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PaligemmaBf16Matvec),
                                 platform="cpu")
+    jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(lib.PaligemmaBf16Gemm),
+                                platform="cpu")
     jax.ffi.register_ffi_target(ROWS_TARGET, jax.ffi.pycapsule(lib.PaligemmaBf16Rows),
                                 platform="cpu")
   except (RuntimeError, OSError, AttributeError) as e:
@@ -85,13 +89,24 @@ def available() -> bool:
   return True
 
 
-def matvec(x, w):
-  """x (X, I) float, w (O, I) bfloat16 -> float32 (X, O) = x @ w.T, accumulated in float32."""
+def _product(target, name, x, w):
   if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or w.dtype != jnp.bfloat16:
-    raise ValueError(f"matvec: expected x (X, I) and bfloat16 w (O, I), got x {x.shape} "
+    raise ValueError(f"{name}: expected x (X, I) and bfloat16 w (O, I), got x {x.shape} "
                      f"{x.dtype} and w {w.shape} {w.dtype}")
   out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
-  return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), w)
+  return jax.ffi.ffi_call(target, out)(x.astype(jnp.float32), w)
+
+
+def matvec(x, w):
+  """x (X, I) float, w (O, I) bfloat16 -> float32 (X, O) = x @ w.T, accumulated in float32.
+
+  For few rows (decoding): each weight is read from memory once for all X rows."""
+  return _product(TARGET, "matvec", x, w)
+
+
+def gemm(x, w):
+  """As `matvec`, for many rows (prefill): blocks of w are widened once and meet every row."""
+  return _product(GEMM_TARGET, "gemm", x, w)
 
 
 def rows(table, index):

@@ -184,8 +184,9 @@ def bf16_kernel_reads(w, allowed: bool = True) -> bool:
 def contract_out_major(x, w, out_dtype=None, kernel=True):
   """x (X, I), w (O, I) as stored -> (X, O) in out_dtype (default x's), computed in x's dtype.
 
-  Few rows on the CPU: a bfloat16 w goes to `cpu_matvec` if `kernel` (`bf16_kernel_reads`);
-  it widens w in registers where XLA would widen it in a pass of its own. Otherwise the
+  On the CPU a bfloat16 w goes to `cpu_matvec` if `kernel` (`bf16_kernel_reads`), `matvec` for
+  few rows and `gemm` for many: they widen w as they read it (accumulating in float32) where
+  XLA would write a float32 copy in a pass of its own. Otherwise, with few rows, the
   product is phrased (O, I) @ (I, X), which XLA's CPU dot runs 2-3x faster than
   (X, I) @ (I, O) (measured at 8 rows). The barriers keep layout assignment from folding the
   activation transposes into the dot, which turns it back into the slow form. Off the CPU
@@ -195,8 +196,9 @@ def contract_out_major(x, w, out_dtype=None, kernel=True):
   out_dtype = out_dtype or x.dtype
   rows = x.shape[0]
   cpu = on_cpu()
-  if rows <= DECODE_ROWS and bf16_kernel_reads(w, kernel):
-    return cpu_matvec.matvec(x, w).astype(out_dtype)
+  if bf16_kernel_reads(w, kernel):
+    product = cpu_matvec.matvec if rows <= DECODE_ROWS else cpu_matvec.gemm
+    return product(x, w).astype(out_dtype)
   w = w.astype(x.dtype)
   if rows > DECODE_ROWS or not cpu:  # prefill is bound by arithmetic: the plain product
     return jnp.einsum("XI,OI->XO", x, w, preferred_element_type=out_dtype)

@@ -1,7 +1,8 @@
-"""The bfloat16 CPU kernel (`cpu_matvec`): exact indexing, float32 accuracy, when the model
-uses it, and the fallback when it cannot be built."""
+"""The bfloat16 CPU kernels (`cpu_matvec`): exact indexing, float32 accuracy, when the model
+uses them, and the fallback when they cannot be built."""
 import logging
 import os
+import re
 import shutil
 
 import jax
@@ -56,11 +57,39 @@ def test_matvec_float32_accuracy(rows, outs, ins):
   assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-5
 
 
+# rows: a panel of 16, of 32, one over, several (272 = the small preset's prefill); outputs:
+# under, at and over the 12 rows of a block and the 48 of a chunk; inputs: none, one, under,
+# at and over the 256 of a block.
+@pytest.mark.parametrize("rows,outs,ins", [
+    (17, 13, 40), (16, 12, 256), (33, 49, 257), (32, 48, 600), (272, 1000, 1024), (1, 1, 1),
+    (48, 47, 5), (5, 3, 0), (0, 4, 8), (4, 0, 8)])
+def test_gemm_exact_on_integers(rows, outs, ins):
+  rng = np.random.default_rng(rows * 7919 + outs + ins)
+  x = rng.integers(-8, 9, (rows, ins)).astype(np.float32)
+  w = rng.integers(-8, 9, (outs, ins)).astype(np.float32)
+  got = jax.jit(cpu_matvec.gemm)(jnp.asarray(x), _bf16(w))
+  assert got.shape == (rows, outs) and got.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(got), x @ w.T)
+
+
+def test_gemm_float32_accuracy():
+  """As the matvec's: under 1e-5 of the largest output against float64, over 4 blocks of
+  inputs (the sums carried between blocks)."""
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((100, 1030)).astype(np.float32)
+  w = _bf16(rng.standard_normal((70, 1030)))
+  ref = x.astype(np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
+  got = np.asarray(jax.jit(cpu_matvec.gemm)(jnp.asarray(x), w))
+  assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-5
+
+
 def test_matvec_rejects_shapes_and_dtypes_with_both_named():
   with pytest.raises(ValueError, match=r"x \(2, 8\).*w \(3, 9\)"):
     cpu_matvec.matvec(jnp.ones((2, 8)), jnp.ones((3, 9), jnp.bfloat16))
   with pytest.raises(ValueError, match="float32"):
     cpu_matvec.matvec(jnp.ones((2, 8)), jnp.ones((3, 8), jnp.float32))
+  with pytest.raises(ValueError, match=r"gemm: .*x \(40, 8\).*w \(3, 9\)"):
+    cpu_matvec.gemm(jnp.ones((40, 8)), jnp.ones((3, 9), jnp.bfloat16))
 
 
 @pytest.mark.parametrize("shape", [(1,), (2, 7), (0,)])
@@ -81,20 +110,25 @@ def _hlo(f, *args):
   return jax.jit(lambda *a: f(*a)).lower(*args).as_text()  # a fresh trace, never a cached one
 
 
-def test_contract_out_major_takes_the_kernel_for_few_bfloat16_rows(monkeypatch):
+def test_contract_out_major_takes_the_kernels_for_bfloat16_weights(monkeypatch):
+  """matvec up to DECODE_ROWS rows, gemm above; float32 weights and no kernel: XLA's dot."""
   w = _bf16(np.random.default_rng(0).standard_normal((300, 128)))
   few, many = jnp.ones((gemma.DECODE_ROWS, 128), jnp.bfloat16), jnp.ones((17, 128), jnp.bfloat16)
-  assert cpu_matvec.TARGET in _hlo(gemma.contract_out_major, few, w)
-  assert cpu_matvec.TARGET not in _hlo(gemma.contract_out_major, many, w)  # prefill: XLA
-  assert cpu_matvec.TARGET not in _hlo(gemma.contract_out_major, few.astype(jnp.float32),
-                                       w.astype(jnp.float32))
+  targets = lambda x, w: [t for t in (cpu_matvec.TARGET, cpu_matvec.GEMM_TARGET)
+                          if t in _hlo(gemma.contract_out_major, x, w)]
+  assert targets(few, w) == [cpu_matvec.TARGET]
+  assert targets(many, w) == [cpu_matvec.GEMM_TARGET]
+  assert targets(few.astype(jnp.float32), w.astype(jnp.float32)) == []
+  assert targets(many.astype(jnp.float32), w.astype(jnp.float32)) == []
   # Same values as XLA's path (bfloat16 out: both round one float32 sum).
-  x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 128)), jnp.float32)
-  with_kernel = np.asarray(gemma.contract_out_major(x, w))
+  rng = np.random.default_rng(1)
+  xs = [jnp.asarray(rng.standard_normal((r, 128)), jnp.float32) for r in (3, 40)]
+  with_kernel = [np.asarray(gemma.contract_out_major(x, w)) for x in xs]
   monkeypatch.setattr(cpu_matvec, "available", lambda: False)
-  assert cpu_matvec.TARGET not in _hlo(gemma.contract_out_major, few, w)
-  np.testing.assert_allclose(with_kernel, np.asarray(gemma.contract_out_major(x, w)),
-                             rtol=1e-5, atol=1e-5)
+  assert targets(few, w) == targets(many, w) == []
+  for x, got in zip(xs, with_kernel):
+    np.testing.assert_allclose(got, np.asarray(gemma.contract_out_major(x, w)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_without_a_compiler_it_falls_back_and_says_why(monkeypatch, tmp_path, caplog):
@@ -129,12 +163,17 @@ def test_bfloat16_weights_decode_like_reference(name, ckpt_path, flat_params, to
   pipe = PaliGemmaPipeline(loaded.config, loaded.params, tokenizer, dtype="float32",
                            cache_dtype="float32")
   [ours] = pipe.generate([test_image], ["caption en"], max_decode_len=16)
-  [(_, compiled_decode)] = pipe._compiled.values()
+  [(compiled_prefill, compiled_decode)] = pipe._compiled.values()
   hlo = compiled_decode.as_text()
   assert cpu_matvec.TARGET in hlo and cpu_matvec.ROWS_TARGET in hlo
   # XLA's own lookup widened the whole embedding to float32 on every decode call.
   v, d = loaded.params["llm"]["embedder"]["input_embedding"].shape
   assert f"f32[{v},{d}]" not in hlo
+  # The prefill's products: no weight widened by XLA, e.g. the (2F, D) gate and up.
+  prefill_hlo = compiled_prefill.as_text()
+  assert cpu_matvec.GEMM_TARGET in prefill_hlo
+  widened = rf"%[\w.-]*convert[\w.-]* = f32\[{2 * loaded.config.llm.mlp_dim},{d}\]"
+  assert not re.findall(widened, prefill_hlo)
   rounded = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32)
              for k, v in flat_params[name].items()}
   hf = hf_reference.build_hf_paligemma(rounded, spec)
