@@ -8,6 +8,7 @@ validity mask over slots: padding is never attended. No host sync per token.
 import contextlib
 import dataclasses
 import functools
+import math
 import re
 from typing import Callable, Optional
 
@@ -39,35 +40,69 @@ class Sampler:
     return f"nucleus({self.p:g}, {self.t:g})"
 
 
+# Parameter names in call order, as big_vision's sampler strings name them.
+SAMPLER_PARAMS = {"greedy": (), "temperature": ("t",), "topk": ("k", "t"), "nucleus": ("p", "t")}
+
+
+def _sampler_args(spec: str, name: str, args: list) -> dict:
+  """['0.9', 't=2'] -> {'p': 0.9, 't': 2.0} for `name`: positional then keyword, finite."""
+  params = SAMPLER_PARAMS[name]
+  arity = f"{min(len(params), 1)}..{len(params)}"
+  values, named = {}, False
+  for i, arg in enumerate(args):
+    if "=" in arg:
+      key, _, text = (s.strip() for s in arg.partition("="))
+      named = True
+      if key not in params:
+        raise ValueError(f"sampler {spec!r}: {name} has no argument {key!r}; its arguments: "
+                         f"({', '.join(params)})")
+    elif named:
+      raise ValueError(f"sampler {spec!r}: positional argument {arg!r} after a named one")
+    elif i >= len(params):
+      raise ValueError(f"sampler {spec!r}: {name} takes {arity} arguments, got {len(args)}")
+    else:
+      key, text = params[i], arg
+    if key in values:
+      raise ValueError(f"sampler {spec!r}: {key} given twice")
+    try:
+      values[key] = float(text)
+    except ValueError:
+      raise ValueError(f"sampler {spec!r}: arguments must be numbers, got {text!r}") from None
+    if not math.isfinite(values[key]):
+      raise ValueError(f"sampler {spec!r}: {key} must be a finite number, got {text!r}")
+  if params and params[0] not in values:
+    raise ValueError(f"sampler {spec!r}: {name} takes {arity} arguments and needs "
+                     f"{params[0]}, got {len(args)}")
+  return values
+
+
 def parse_sampler(spec: str) -> Sampler:
-  """'greedy' | 'temperature(t)' | 'topk(k[, t])' | 'nucleus(p[, t])' -> Sampler (validated)."""
+  """'greedy' | 'temperature(t)' | 'topk(k[, t])' | 'nucleus(p[, t])' -> Sampler (validated).
+
+  Arguments may also be named, as big_vision writes them: 'nucleus(p=0.9)', 'topk(k=40, t=0.7)'.
+  """
   m = re.fullmatch(r"\s*(\w+)\s*(?:\(([^)]*)\))?\s*", spec or "")
   if not m:
     raise ValueError(f"cannot parse sampler {spec!r}; use greedy, temperature(t), topk(k, t) "
                      "or nucleus(p, t)")
   name, args = m.group(1), [a.strip() for a in (m.group(2) or "").split(",") if a.strip()]
-  try:
-    nums = [float(a) for a in args]
-  except ValueError:
-    raise ValueError(f"sampler {spec!r}: arguments must be numbers") from None
-  arity = {"greedy": (0, 0), "temperature": (1, 1), "topk": (1, 2), "nucleus": (1, 2)}
-  if name not in arity:
-    raise ValueError(f"unknown sampler {name!r} in {spec!r}; known: {', '.join(arity)}")
-  lo, hi = arity[name]
-  if not lo <= len(nums) <= hi:
-    raise ValueError(f"sampler {spec!r}: {name} takes {lo}..{hi} arguments, got {len(nums)}")
+  if name not in SAMPLER_PARAMS:
+    raise ValueError(f"unknown sampler {name!r} in {spec!r}; known: {', '.join(SAMPLER_PARAMS)}")
+  values = _sampler_args(spec, name, args)
+  t = values.get("t", 1.0)
   if name == "greedy":
     return Sampler()
   if name == "temperature":
-    s = Sampler("temperature", t=nums[0])
+    s = Sampler("temperature", t=t)
   elif name == "topk":
-    if nums[0] < 1 or nums[0] != int(nums[0]):
-      raise ValueError(f"sampler {spec!r}: k must be an integer >= 1, got {nums[0]:g}")
-    s = Sampler("topk", k=int(nums[0]), t=nums[1] if len(nums) > 1 else 1.0)
+    k = values["k"]
+    if k < 1 or k != int(k):
+      raise ValueError(f"sampler {spec!r}: k must be an integer >= 1, got {k:g}")
+    s = Sampler("topk", k=int(k), t=t)
   else:
-    if not 0 < nums[0] <= 1:
-      raise ValueError(f"sampler {spec!r}: p must be in (0, 1], got {nums[0]:g}")
-    s = Sampler("nucleus", p=nums[0], t=nums[1] if len(nums) > 1 else 1.0)
+    if not 0 < values["p"] <= 1:
+      raise ValueError(f"sampler {spec!r}: p must be in (0, 1], got {values['p']:g}")
+    s = Sampler("nucleus", p=values["p"], t=t)
   if s.t <= 0:
     raise ValueError(f"sampler {spec!r}: temperature must be > 0, got {s.t:g}")
   return s

@@ -6,6 +6,7 @@
 """
 import dataclasses
 import functools
+import numbers
 import time
 from typing import Callable, Optional, Sequence
 
@@ -20,19 +21,54 @@ from paligemma_jax.tokenizer import Tokenizer
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def as_dtype(name):
+def as_dtype(name, field: str = "dtype"):
+  """'float32' | 'bfloat16' | 'float16' (or a dtype) -> dtype; field names the setting in errors."""
   if not isinstance(name, str):
     return name
   if name not in DTYPES:
-    raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    raise ValueError(f"unknown {field} {name!r}; choose one of {', '.join(DTYPES)}")
   return DTYPES[name]
+
+
+def check_decoding_options(sampler="greedy", *, beam_size: int = 0, best_of_n: int = 1,
+                           stream: bool = False, forbidden_ids=()):
+  """The checks of a decoding request that need no model -> (Sampler, sorted forbidden ids).
+
+  Raises ValueError for combinations that would be ignored or give a misleading answer.
+  """
+  if isinstance(sampler, str):
+    sampler = decode.parse_sampler(sampler)
+  if beam_size < 0:
+    raise ValueError(f"beam_size must be >= 0 (0: sample, N: N beams), got {beam_size}")
+  if best_of_n < 1:
+    raise ValueError(f"best_of_n must be >= 1, got {best_of_n}")
+  if beam_size and best_of_n > 1:
+    raise ValueError(f"beam search (beam_size={beam_size}) does not combine with best_of_n="
+                     f"{best_of_n}: beams are already ranked by log-probability; drop one of them")
+  if beam_size and stream:
+    raise ValueError(f"beam search (beam_size={beam_size}) cannot stream: the best beam is "
+                     "known only at the end")
+  if beam_size and sampler.kind != "greedy":
+    raise ValueError(f"beam search (beam_size={beam_size}) keeps the most likely beams and "
+                     f"draws no samples: sampler {sampler} would be ignored; drop one of them")
+  if stream and best_of_n > 1:
+    # The stream would show one draw while the answer is the most likely of n, picked at the end.
+    raise ValueError(f"streaming shows one sample as it is drawn, but best_of_n={best_of_n} "
+                     "picks the answer among the samples only at the end; drop one of them")
+  for i in forbidden_ids:
+    if not isinstance(i, numbers.Integral) or isinstance(i, bool) or i < 0:
+      raise ValueError(f"forbidden_ids: each must be a token id >= 0, got {i!r}")
+  return sampler, tuple(sorted({int(i) for i in forbidden_ids}))
 
 
 @dataclasses.dataclass
 class Generation:
+  """One row's answer. With a forced `answer_start`, `text` is the model's whole answer (the
+  forced start followed by what it generated, detokenized together) while `tokens` and
+  `logprobs` cover the generated ids only."""
   prompt: str
   text: str
-  tokens: list        # generated ids, prompt excluded, stopping before eos
+  tokens: list        # generated ids, prompt and forced answer start excluded, stopping before eos
   logprobs: list      # log p of each token under the model
   timing: dict
 
@@ -61,8 +97,10 @@ class PaliGemmaPipeline:
     params = paligemma.unstacked(params, out_major=self.out_major)
     self.params = params if mesh is None else sharding.shard_params(params, mesh)
     self.tokenizer = tokenizer
+    if prompt_bucket < 1:
+      raise ValueError(f"prompt_bucket must be >= 1, got {prompt_bucket}")
     self.dtype = as_dtype(dtype)
-    self.cache_dtype = as_dtype(cache_dtype)
+    self.cache_dtype = as_dtype(cache_dtype, "cache_dtype")
     self.prompt_bucket = prompt_bucket
     self.max_seq_len = max_seq_len
     self.load_s = load_s
@@ -108,8 +146,7 @@ class PaliGemmaPipeline:
     size = self.config.image_size
     pixels = np.stack([image_lib.preprocess(im, size) for im in images])
     rows = [self.tokenizer.prompt(p, answer_start) for p in prompts]
-    longest = max(len(t) for t, _ in rows)
-    width = -(-longest // self.prompt_bucket) * self.prompt_bucket
+    width = self.padded_length(max(len(t) for t, _ in rows))
     text = np.full((len(rows), width), self.tokenizer.pad_id, np.int32)
     input_mask = np.zeros((len(rows), width), bool)
     mask_ar = np.ones((len(rows), width), np.int32)  # padding counts as suffix, as big_vision
@@ -117,16 +154,52 @@ class PaliGemmaPipeline:
       text[i, :len(t)], input_mask[i, :len(t)], mask_ar[i, :len(t)] = t, True, m
     return dict(images=pixels, text=text, input_mask=input_mask, mask_ar=mask_ar)
 
+  def padded_length(self, prompt_tokens: int) -> int:
+    """The prompt width the compiled functions use: a multiple of prompt_bucket."""
+    return -(-prompt_tokens // self.prompt_bucket) * self.prompt_bucket
+
   def check_request(self, prompt_tokens: int, max_decode_len: int):
-    """Raises ValueError, before any compilation, when a request cannot fit."""
+    """Raises ValueError, before any compilation, when a request cannot fit.
+
+    The cache holds the image tokens, the longest prompt padded to its bucket (the width
+    that is compiled) and max_decode_len slots.
+    """
     if max_decode_len < 1:
       raise ValueError(f"max_decode_len must be >= 1, got {max_decode_len}")
-    total = self.config.num_image_tokens + prompt_tokens + max_decode_len
+    padded = self.padded_length(prompt_tokens)
+    total = self.config.num_image_tokens + padded + max_decode_len
     if self.max_seq_len and total > self.max_seq_len:
       raise ValueError(
-          f"{self.config.num_image_tokens} image tokens + {prompt_tokens} prompt tokens + "
+          f"{self.config.num_image_tokens} image tokens + {prompt_tokens} prompt tokens "
+          f"(padded to {padded}, a multiple of prompt_bucket {self.prompt_bucket}) + "
           f"max_decode_len {max_decode_len} = {total} exceeds the configured cache of "
           f"{self.max_seq_len} tokens (config max_seq_len)")
+
+  def check_decoding(self, sampler="greedy", *, beam_size: int = 0, best_of_n: int = 1,
+                     stream: bool = False, forbidden_ids=()):
+    """`check_decoding_options` plus the checks against this model's vocabulary, all before
+    any compilation -> (Sampler, sorted forbidden ids). Raises ValueError."""
+    sampler, forbidden = check_decoding_options(sampler, beam_size=beam_size,
+                                                best_of_n=best_of_n, stream=stream,
+                                                forbidden_ids=forbidden_ids)
+    vocab = self.config.llm.vocab_size
+    if forbidden and forbidden[-1] >= vocab:
+      raise ValueError(f"forbidden_ids: {forbidden[-1]} is not a token id of this model; "
+                       f"expected 0 <= id < {vocab} (its vocabulary size)")
+    # Ids the tokenizer has no piece for are never generated (decode's vocab_limit).
+    pieces = self.tokenizer.vocab_size
+    n_forbidden = sum(i < pieces for i in forbidden)
+    allowed = pieces - n_forbidden
+    where = (f"the {allowed} token ids left to generate ({pieces} tokenizer pieces, "
+             f"{n_forbidden} forbidden)")
+    if allowed < 1:
+      raise ValueError(f"forbidden_ids forbid every id: no token is left to generate "
+                       f"({pieces} tokenizer pieces, {n_forbidden} forbidden)")
+    if sampler.kind == "topk" and sampler.k > allowed:
+      raise ValueError(f"sampler {sampler}: k={sampler.k} exceeds {where}")
+    if beam_size > allowed:
+      raise ValueError(f"beam_size={beam_size} exceeds {where}")
+    return sampler, forbidden
 
   def _functions(self, batch: int, width: int, max_decode_len: int, strategy: tuple,
                  forbidden_ids: tuple, stream=None):
@@ -171,18 +244,21 @@ class PaliGemmaPipeline:
                on_token: Optional[Callable[[np.ndarray, np.ndarray], None]] = None) -> list:
     """Images (PIL or uint8 (H,W,3)) and prompts, one per row -> one Generation per row.
 
-    sampler: "greedy", "temperature(t)", "topk(k, t)", "nucleus(p, t)" (or a Sampler).
-    beam_size > 0: beam search instead of sampling. best_of_n > 1: draw n samples per row
-    and keep the one with the highest log-probability up to and including eos.
+    sampler: "greedy", "temperature(t)", "topk(k, t)", "nucleus(p, t)" (or a Sampler); the
+    arguments may be named as big_vision names them: "nucleus(p=0.9, t=0.7)".
+    answer_start: forced start of every answer; each Generation's text begins with it,
+    its tokens and logprobs are the generated ones after it.
+    forbidden_ids: token ids never generated (each 0 <= id < the model's vocabulary).
+    beam_size > 0: beam search instead of sampling (greedy sampler only). best_of_n > 1:
+    draw n samples per row and keep the one with the highest log-probability up to and
+    including eos (not with streaming).
     on_token(tokens (B,), done (B,)): called from the device loop as each step is sampled
     (streaming; one host round trip per token, so only when asked).
+    Bad options and requests that do not fit raise ValueError before anything compiles.
     """
-    if isinstance(sampler, str):
-      sampler = decode.parse_sampler(sampler)
-    if beam_size < 0 or best_of_n < 1:
-      raise ValueError(f"beam_size must be >= 0 and best_of_n >= 1, got {beam_size}, {best_of_n}")
-    if beam_size and (best_of_n > 1 or on_token is not None):
-      raise ValueError("beam search combines with neither best_of_n nor streaming")
+    sampler, forbidden = self.check_decoding(
+        sampler, beam_size=beam_size, best_of_n=best_of_n, stream=on_token is not None,
+        forbidden_ids=forbidden_ids)
     if len(images) != len(prompts):
       raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     longest = max(len(self.tokenizer.prompt(p, answer_start)[0]) for p in prompts)
@@ -192,9 +268,8 @@ class PaliGemmaPipeline:
                             [p for p in prompts for _ in range(n)], answer_start)
     b, width = batch["text"].shape
     strategy = ("beam", beam_size) if beam_size else ("sample", sampler)
-    prefill, dec, compile_s = self._functions(
-        b, width, max_decode_len, strategy, tuple(sorted(int(i) for i in forbidden_ids)),
-        on_token)
+    prefill, dec, compile_s = self._functions(b, width, max_decode_len, strategy, forbidden,
+                                              on_token)
     if self.mesh is not None:  # rows over 'data'; each process fills its own devices
       rows = sharding.batch_sharding(b, self.mesh)
       batch = {k: sharding.put_global(v, rows) for k, v in batch.items()}
@@ -218,9 +293,10 @@ class PaliGemmaPipeline:
       tokens, logprobs, lengths = tokens[keep], logprobs[keep], lengths[keep]
     timing = dict(load_s=self.load_s, compile_s=compile_s, prefill_s=t1 - t0, decode_s=t2 - t1,
                   generated_tokens=int(lengths.sum()), decode_steps=int(state.step))
+    start = self.tokenizer.encode(answer_start) if answer_start else []
     out = []
     for i, prompt in enumerate(prompts):
       ids = tokens[i, :lengths[i]].tolist()
-      out.append(Generation(prompt, self.tokenizer.decode(ids), ids,
+      out.append(Generation(prompt, self.tokenizer.decode(start + ids), ids,
                             logprobs[i, :lengths[i]].tolist(), timing))
     return out

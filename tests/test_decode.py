@@ -1,5 +1,7 @@
 """The decode loop: one while_loop, the cache path equals the full forward, batch rows are
 independent, samplers validate their arguments."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +9,21 @@ import pytest
 
 import bv_fixtures
 from conftest import spec_config
-from paligemma_jax import decode, paligemma
+from paligemma_jax import decode, outputs, paligemma
 from paligemma_jax.pipeline import PaliGemmaPipeline
+
+
+@pytest.fixture
+def compilations(monkeypatch):
+  """A list that grows by one for every XLA compilation (jax.stages.Lowered.compile)."""
+  seen = []
+  real = jax.stages.Lowered.compile
+
+  def counting(self, *args, **kwargs):
+    seen.append(self)
+    return real(self, *args, **kwargs)
+  monkeypatch.setattr(jax.stages.Lowered, "compile", counting)
+  return seen
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +97,34 @@ def test_rows_stop_at_their_own_eos(pipe, test_image):
     ("nucleus(0)", "p must be in"), ("nucleus(1.1)", "p must be in"), ("topk(0)", "k must be"),
     ("topk(2.5)", "k must be"), ("temperature(0)", "temperature must be > 0"),
     ("temperature(-1)", "temperature must be > 0"), ("beam(3)", "unknown sampler"),
-    ("temperature", "takes 1..1 arguments"), ("greedy(1)", "takes 0..0"), ("nucleus(a)", "numbers")])
+    ("temperature", "takes 1..1 arguments"), ("greedy(1)", "takes 0..0"), ("nucleus(a)", "numbers"),
+    # Not finite: nan ran and answered nothing, inf overflowed int() with a traceback.
+    ("temperature(nan)", "t must be a finite number, got 'nan'"),
+    ("temperature(inf)", "t must be a finite number"), ("topk(inf)", "k must be a finite number"),
+    ("topk(5, -inf)", "t must be a finite number"), ("nucleus(nan)", "p must be a finite number"),
+    ("topk(1e400)", "k must be a finite number"), ("nucleus(p=nan)", "p must be a finite"),
+    # big_vision's named arguments, misused.
+    ("nucleus(q=0.9)", "nucleus has no argument 'q'; its arguments: (p, t)"),
+    ("topk(t=0.7)", "needs k"), ("topk(k=4, 5)", "positional argument '5' after a named one"),
+    ("topk(4, k=5)", "k given twice"), ("temperature(t=0)", "temperature must be > 0"),
+    ("topk(k=2.5)", "k must be an integer"), ("greedy(t=1)", "greedy has no argument 't'"),
+    ("topk(1, 2, 3)", "takes 1..2 arguments, got 3")])
 def test_bad_sampler_strings(spec, message):
-  with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+  with pytest.raises(ValueError, match=re.escape(message)):
     decode.parse_sampler(spec)
 
 
 def test_sampler_strings_round_trip():
-  for s in ("greedy", "temperature(0.7)", "topk(40, 0.8)", "nucleus(0.9, 1)"):
+  for s in ("greedy", "temperature(0.7)", "topk(40, 0.8)", "nucleus(0.9, 1)", "nucleus(p=0.9)",
+            "topk(k=40, t=0.7)", "temperature(t=0.5)", "topk(40, t=0.7)"):
     assert str(decode.parse_sampler(str(decode.parse_sampler(s)))) == str(decode.parse_sampler(s))
   assert decode.parse_sampler("topk(5)") == decode.Sampler("topk", k=5, t=1.0)
+  # big_vision's keyword form means what the positional one does.
+  assert decode.parse_sampler("nucleus(p=0.9)") == decode.Sampler("nucleus", p=0.9, t=1.0)
+  assert decode.parse_sampler("topk(k=40, t=0.7)") == decode.Sampler("topk", k=40, t=0.7)
+  assert decode.parse_sampler("topk(t=0.7, k=40)") == decode.Sampler("topk", k=40, t=0.7)
+  assert decode.parse_sampler("temperature(t=0.5)") == decode.Sampler("temperature", t=0.5)
+  assert decode.parse_sampler(" nucleus( 0.8 , t = 2 ) ") == decode.Sampler("nucleus", p=0.8, t=2)
 
 
 def test_beam_one_equals_greedy_and_wider_beams_score_no_lower(pipe, test_image):
@@ -146,13 +179,81 @@ def test_streaming_reports_every_token_in_order(pipe, test_image):
   assert seen[:len(out.tokens)] == out.tokens
 
 
-def test_requests_too_long_fail_before_compiling(pipe, test_image):
+def test_requests_too_long_fail_before_compiling(pipe, test_image, compilations):
   small = PaliGemmaPipeline(pipe.config, pipe.params, pipe.tokenizer, max_seq_len=300)
   with pytest.raises(ValueError, match=r"exceeds the configured cache of 300"):
     small.generate([test_image], ["caption en"], max_decode_len=64)
-  assert not small._compiled
   with pytest.raises(ValueError, match="max_decode_len must be >= 1"):
     small.generate([test_image], ["caption en"], max_decode_len=0)
+  assert not small._compiled and not compilations
+
+
+def test_cache_check_counts_the_prompt_bucket(pipe, test_image, compilations):
+  """The check uses the padded prompt width that is compiled, so the real cache (image +
+  padded prompt + max_decode_len) never exceeds max_seq_len, exactly filling it at the edge."""
+  n16, n17 = "caption en" + " a" * 11, "caption en" + " a" * 12
+  assert [len(pipe.tokenizer.prompt(p)[0]) for p in ("caption en", n16, n17)] == [5, 16, 17]
+  ni = pipe.config.num_image_tokens
+  small = PaliGemmaPipeline(pipe.config, pipe.params, pipe.tokenizer, cache_dtype="float32",
+                            max_seq_len=ni + 16 + 4)
+  # 5 prompt tokens pad to 16: 4 decode slots fit, 5 do not (unpadded, 5 + 5 would have).
+  with pytest.raises(ValueError, match=r"5 prompt tokens \(padded to 16, a multiple of "
+                                       r"prompt_bucket 16\) \+ max_decode_len 5 = "):
+    small.generate([test_image], ["caption en"], max_decode_len=5)
+  with pytest.raises(ValueError, match=r"17 prompt tokens \(padded to 32"):
+    small.generate([test_image], [n17], max_decode_len=1)
+  assert not compilations
+  small.generate([test_image], [n16], max_decode_len=4)  # 16 tokens: one bucket, at the edge
+  assert compilations  # the counter sees the compilations it guards against
+  [(prefill, _)] = small._compiled.values()
+  assert prefill.out_info[1]["k"].shape[2] == small.max_seq_len  # (L, B, C, K, H)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sampler="topk(1401)"), "k=1401 exceeds the 1400 token ids left to generate"),
+    (dict(sampler="topk(1400)", forbidden_ids=[7]), "k=1400 exceeds the 1399 token ids"),
+    (dict(beam_size=1401), "beam_size=1401 exceeds the 1400 token ids"),
+    (dict(beam_size=-1), "beam_size must be >= 0"),
+    (dict(best_of_n=0), "best_of_n must be >= 1, got 0"),
+    (dict(beam_size=2, sampler="nucleus(0.9)"), "sampler nucleus(0.9, 1) would be ignored"),
+    (dict(beam_size=2, best_of_n=3), "does not combine with best_of_n=3"),
+    (dict(beam_size=2, on_token=print), "cannot stream"),
+    (dict(best_of_n=4, on_token=print), "but best_of_n=4 picks the answer"),
+    (dict(forbidden_ids=[-1]), "each must be a token id >= 0, got -1"),
+    (dict(forbidden_ids=[3, 1536]),
+     "1536 is not a token id of this model; expected 0 <= id < 1536"),
+    (dict(forbidden_ids=range(1400)), "forbid every id"),
+    (dict(sampler="temperature(nan)"), "must be a finite number"),
+])
+def test_bad_decoding_options_fail_before_compiling(pipe, test_image, compilations, kwargs,
+                                                    message):
+  assert pipe.config.llm.vocab_size == 1536 and pipe.tokenizer.vocab_size == 1400
+  with pytest.raises(ValueError, match=re.escape(message)):
+    pipe.generate([test_image], ["caption en"], max_decode_len=4, **kwargs)
+  assert not compilations
+
+
+def test_forbidden_ids_are_never_emitted(pipe, test_image):
+  [free] = pipe.generate([test_image], ["caption en"], max_decode_len=6)
+  banned = sorted(set(free.tokens))
+  assert banned, "the free answer must have tokens for the test to mean something"
+  for kw in (dict(), dict(sampler="temperature(3)"), dict(beam_size=3)):
+    [out] = pipe.generate([test_image], ["caption en"], max_decode_len=6, forbidden_ids=banned,
+                          **kw)
+    assert out.tokens and not set(banned) & set(out.tokens), kw
+
+
+def test_answer_start_is_part_of_the_answer(pipe, test_image):
+  """The forced start is in text (so a detect answer parses whole), not in tokens."""
+  start = "<loc0100><loc0200><loc0600><loc0900> cat ;"
+  for kw in (dict(), dict(beam_size=2)):
+    [out] = pipe.generate([test_image], ["detect cat"], max_decode_len=5, answer_start=start, **kw)
+    assert out.text.startswith(start), out.text
+    assert out.text == pipe.tokenizer.decode(pipe.tokenizer.encode(start) + out.tokens)
+    assert len(out.tokens) == len(out.logprobs) <= 5
+    objects, _ = outputs.parse_answer(out.text, (200, 300))
+    assert objects[0].label == "cat"
+    np.testing.assert_allclose(objects[0].box_normalized, np.array([100, 200, 600, 900]) / 1023)
 
 
 def test_prompt_lengths_share_a_bucket(pipe, test_image):
