@@ -40,13 +40,17 @@ _IMAGE = flags.DEFINE_string("image", None, "Image file; default: the demo image
 _PROMPT = flags.DEFINE_string("prompt", "caption en", "Prompt (prefix), e.g. 'caption en', 'detect cat'.")
 _MAX_LEN = flags.DEFINE_integer("max_decode_len", 32, "Most tokens to generate.")
 _SAMPLER = flags.DEFINE_string("sampler", "greedy",
-                               "greedy | temperature(t) | topk(k, t) | nucleus(p, t)")
+                               "greedy | temperature(t) | topk(k, t) | nucleus(p, t); arguments "
+                               "may be named: nucleus(p=0.9, t=0.7)")
+_FORBIDDEN = flags.DEFINE_list("forbidden_ids", [],
+                               "Token ids never to generate, comma-separated: 1,2,3.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _BEAM = flags.DEFINE_integer("beam_size", 0, "Beam search with this many beams (0: sample).")
 _BEST_OF_N = flags.DEFINE_integer("best_of_n", 1,
                                   "Draw N samples, keep the most likely (log-probability to eos).")
 _STREAM = flags.DEFINE_bool("stream", False, "Print the answer as it is produced.")
-_ANSWER_START = flags.DEFINE_string("answer_start", None, "Forced start of the answer.")
+_ANSWER_START = flags.DEFINE_string("answer_start", None, "Forced start of the answer; the "
+                                    "printed and written text begins with it.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write prompt, text, tokens, timing here.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
                                   "For detect/segment: write annotated.png, masks and objects.json.")
@@ -66,6 +70,37 @@ _INTERACTIVE = flags.DEFINE_bool("interactive", False,
 def _fail(msg):
   print(f"error: {msg}", file=sys.stderr)
   sys.exit(2)
+
+
+def _check_flags(cfg, many: bool = False) -> tuple:
+  """Checks what needs no model, before anything loads -> forbidden ids (ints). Exits 2."""
+  from paligemma_jax.pipeline import as_dtype, check_decoding_options
+  for field in ("dtype", "cache_dtype"):
+    try:
+      as_dtype(cfg[field], f"--config.{field}")
+    except ValueError as e:
+      _fail(str(e))
+  if cfg.prompt_bucket < 1:
+    _fail(f"--config.prompt_bucket must be >= 1, got {cfg.prompt_bucket}")
+  forbidden = []
+  for s in _FORBIDDEN.value:
+    try:
+      forbidden.append(int(s.strip()))
+    except ValueError:
+      _fail(f"--forbidden_ids: {s!r} is not a token id; expected integers separated by "
+            "commas, e.g. --forbidden_ids=1,2,3")
+  if many:  # jobs and the prompt loop sample; these three are single-image options
+    used = [f"--{f.name}={f.value}" for f in (_BEAM, _BEST_OF_N, _STREAM)
+            if f.value != f.default]
+    if used:
+      _fail(f"{', '.join(used)}: for a single --image run only; --images and --interactive "
+            "take --sampler, --seed and --forbidden_ids")
+  try:
+    check_decoding_options(_SAMPLER.value, beam_size=_BEAM.value, best_of_n=_BEST_OF_N.value,
+                           stream=_STREAM.value, forbidden_ids=forbidden)
+  except ValueError as e:
+    _fail(str(e))
+  return tuple(forbidden)
 
 
 def _setup_jax(cfg):
@@ -139,13 +174,10 @@ def _write_task_outputs(text, prompt, img, vae_ckpt, output_dir):
 
 def _run_many(cfg):
   """--images (jobs.py) or --interactive (interactive.py); the model loads only when needed."""
-  from paligemma_jax import decode, demo, interactive, jobs
+  from paligemma_jax import demo, interactive, jobs
   if _IMAGES.value and _INTERACTIVE.value:
     _fail("--images and --interactive do not combine")
-  try:
-    decode.parse_sampler(_SAMPLER.value)
-  except ValueError as e:
-    _fail(str(e))
+  forbidden = _check_flags(cfg, many=True)
 
   def load():
     _setup_jax(cfg)
@@ -155,8 +187,8 @@ def _run_many(cfg):
     return pipe
 
   common = dict(max_decode_len=_MAX_LEN.value, sampler=_SAMPLER.value, seed=_SEED.value,
-                answer_start=_ANSWER_START.value, output_dir=_OUTPUT_DIR.value,
-                vae_ckpt=_VAE_CKPT.value)
+                answer_start=_ANSWER_START.value, forbidden_ids=forbidden,
+                output_dir=_OUTPUT_DIR.value, vae_ckpt=_VAE_CKPT.value)
   if _INTERACTIVE.value:
     sys.exit(interactive.main(load, _IMAGE.value or demo.DEMO_IMAGE, **common))
   try:
@@ -188,12 +220,8 @@ def main(argv):
     _write_task_outputs(_ANSWER.value, prompt, img, _VAE_CKPT.value, _OUTPUT_DIR.value)
     return
 
+  forbidden = _check_flags(cfg)
   _setup_jax(cfg)
-  from paligemma_jax import decode
-  try:
-    decode.parse_sampler(_SAMPLER.value)
-  except ValueError as e:
-    _fail(str(e))
   pipe, note = _pipeline(cfg)
   if note:
     print(f"note: {note}")
@@ -203,24 +231,28 @@ def main(argv):
       print(f"wrote {orbax_io.save(_SAVE_ORBAX.value, pipe.params)}")
     except (ValueError, OSError) as e:
       _fail(str(e))
-  streamed = []
+  # Streaming prints the text as it grows, the forced answer start first (as in result.text).
+  streamed = pipe.tokenizer.encode(_ANSWER_START.value) if _ANSWER_START.value else []
+  shown = [""]
 
-  def on_token(tokens, done):  # streaming: print the text as it grows
+  def on_token(tokens, done):
     if not bool(done[0]) and int(tokens[0]) != pipe.tokenizer.eos_id:
-      before = pipe.tokenizer.decode(streamed)
       streamed.append(int(tokens[0]))
-      print(pipe.tokenizer.decode(streamed)[len(before):], end="", flush=True)
+      text = pipe.tokenizer.decode(streamed)
+      print(text[len(shown[0]):], end="", flush=True)
+      shown[0] = text
 
   try:
     [result] = pipe.generate([img], [_PROMPT.value], max_decode_len=_MAX_LEN.value,
                              sampler=_SAMPLER.value, seed=_SEED.value,
-                             answer_start=_ANSWER_START.value, beam_size=_BEAM.value,
-                             best_of_n=_BEST_OF_N.value,
+                             answer_start=_ANSWER_START.value, forbidden_ids=forbidden,
+                             beam_size=_BEAM.value, best_of_n=_BEST_OF_N.value,
                              on_token=on_token if _STREAM.value else None)
   except ValueError as e:
     _fail(str(e))
   t = result.timing
-  print("" if _STREAM.value else result.text)
+  # Streamed: the rest (the forced start alone when eos came first).
+  print(result.text[len(shown[0]):] if _STREAM.value else result.text)
   rate = t["generated_tokens"] / t["decode_s"] if t["decode_s"] > 0 else float("nan")
   print(f"timing: load {t['load_s']:.3f}s  compile {t['compile_s']:.3f}s  prefill "
         f"{t['prefill_s'] * 1e3:.1f}ms  decode {t['decode_s'] * 1e3:.1f}ms for "

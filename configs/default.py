@@ -8,7 +8,8 @@ def get_config():
   c.dtype = "float32"          # compute and parameter dtype: float32 | bfloat16 | float16
   c.cache_dtype = "bfloat16"   # KV cache dtype (big_vision's default); float32 for exact parity
   c.prompt_bucket = 16         # prompts are padded to a multiple of this: fewer recompilations
-  c.max_seq_len = 8192         # image + prompt + max_decode_len must fit; checked before compiling
+  # image + prompt (padded to prompt_bucket) + max_decode_len must fit; checked before compiling
+  c.max_seq_len = 8192
   # float32 matmuls at full precision: GPUs otherwise run them in TF32 (about 1e-3 relative),
   # which breaks float32 parity. "" keeps JAX's default.
   c.matmul_precision = "highest"

@@ -40,13 +40,14 @@ class Session:
   """The state of one session and the handling of one input line at a time."""
 
   def __init__(self, pipe, image_path: str, *, sampler: str = "greedy", max_decode_len: int = 32,
-               seed: int = 0, answer_start: Optional[str] = None,
+               seed: int = 0, answer_start: Optional[str] = None, forbidden_ids=(),
                output_dir: Optional[str] = None, vae_ckpt: Optional[str] = None, out=None):
     self.pipe = pipe
     self.out = out or sys.stdout
     self.image_path = image_path
     self.image = image_lib.load_image(image_path)  # ImageError: the caller reports it
-    self.sampler = decode.parse_sampler(sampler)   # ValueError: likewise
+    # ValueError: likewise (a bad sampler, or a forbidden id outside this model's vocabulary)
+    self.sampler, self.forbidden_ids = pipe.check_decoding(sampler, forbidden_ids=forbidden_ids)
     self.max_decode_len = max_decode_len
     self.seed = seed
     self.answer_start = answer_start
@@ -95,7 +96,7 @@ class Session:
 
   def _sampler(self, arg):
     try:
-      self.sampler = decode.parse_sampler(arg or "")
+      self.sampler, _ = self.pipe.check_decoding(arg or "", forbidden_ids=self.forbidden_ids)
     except ValueError as e:
       return self.error(f"{e} (still using {self.sampler})")
     self.say(f"sampler: {self.sampler}")
@@ -157,7 +158,8 @@ class Session:
     try:
       [r] = self.pipe.generate([self.image], [prompt], max_decode_len=self.max_decode_len,
                                sampler=self.sampler, seed=self.seed + self.turn,
-                               answer_start=self.answer_start)
+                               answer_start=self.answer_start,
+                               forbidden_ids=self.forbidden_ids)
     except ValueError as e:
       return self.error(str(e))
     t = r.timing
@@ -236,5 +238,10 @@ def main(make_pipeline: Callable, image_path: str, **session_kw) -> int:
     return 2
   t0 = time.perf_counter()
   pipe = make_pipeline()
+  try:
+    session = Session(pipe, image_path, **session_kw)
+  except ValueError as e:  # e.g. topk(k) with k beyond the vocabulary, checked before compiling
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(f"model ready in {time.perf_counter() - t0:.1f} s", flush=True)
-  return Session(pipe, image_path, **session_kw).run()
+  return session.run()

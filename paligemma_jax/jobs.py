@@ -319,11 +319,14 @@ def batches(stream, batch_size: int, on_error: Callable):
 
 def run_job(make_pipeline: Callable, images: str, prompt: str, output_jsonl: str, *,
             batch_size: int = 8, max_decode_len: int = 32, sampler: str = "greedy",
-            seed: int = 0, answer_start: Optional[str] = None, output_dir: Optional[str] = None,
-            vae_ckpt: Optional[str] = None, progress: bool = True, log=None) -> dict:
+            seed: int = 0, answer_start: Optional[str] = None, forbidden_ids=(),
+            output_dir: Optional[str] = None, vae_ckpt: Optional[str] = None,
+            progress: bool = True, log=None) -> dict:
   """Runs (or resumes) a job; returns a summary dict. Raises JobError for a job that cannot start.
 
-  make_pipeline: () -> PaliGemmaPipeline, called only when something is left to do.
+  make_pipeline: () -> PaliGemmaPipeline, called only when something is left to do; the
+  sampler and forbidden_ids are checked against it before anything compiles (a bad one
+  stops the job rather than failing every image).
   Each line: {"index", "image", "prompt", "text", "tokens"} (+ "objects", "skipped",
   "output_dir" for detect/segment prompts), or {"index", "image", "prompt", "error"}.
   Pictures for detect/segment prompts go to output_dir/<index>_<name>/ when output_dir is set.
@@ -345,6 +348,10 @@ def run_job(make_pipeline: Callable, images: str, prompt: str, output_jsonl: str
     if summary["already_done"]:
       log(f"resuming: {summary['already_done']} of {len(items)} already done")
     pipe = make_pipeline()
+    try:
+      sampler, forbidden_ids = pipe.check_decoding(sampler, forbidden_ids=forbidden_ids)
+    except ValueError as e:
+      raise JobError(str(e)) from None
     from paligemma_jax import outputs
     vae_params = None
     if vae_ckpt and any(outputs.task_of(it.prompt) == "segment" for it in todo):
@@ -380,7 +387,8 @@ def run_job(make_pipeline: Callable, images: str, prompt: str, output_jsonl: str
         rows = group + [group[-1]] * (batch_size - len(group))  # one compiled shape for all
         return pipe.generate([d.pixels for d in rows], [d.item.prompt for d in rows],
                              max_decode_len=max_decode_len, sampler=sampler,
-                             seed=seed + group[0].item.index, answer_start=answer_start)
+                             seed=seed + group[0].item.index, answer_start=answer_start,
+                             forbidden_ids=forbidden_ids)
 
       for group in batches(stream, batch_size, on_error):
         try:

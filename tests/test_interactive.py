@@ -13,7 +13,7 @@ import pexpect.fdpexpect
 import pytest
 from PIL import Image
 
-from paligemma_jax import interactive
+from paligemma_jax import demo, interactive, paligemma, pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_IMAGE = os.path.join(REPO, "assets", "demo.png")
@@ -25,6 +25,12 @@ class FakePipe:
 
   def __init__(self):
     self.calls = []
+
+  def check_decoding(self, sampler, **kw):  # as the pipeline's, for a 1400-piece vocabulary
+    sampler, forbidden = pipeline.check_decoding_options(sampler, **kw)
+    if sampler.kind == "topk" and sampler.k > 1400:
+      raise ValueError(f"k={sampler.k} exceeds the 1400 token ids left to generate")
+    return sampler, forbidden
 
   def generate(self, images, prompts, **kw):
     self.calls.append((images, prompts, kw))
@@ -55,12 +61,15 @@ def test_session_commands_and_errors(tmp_path):
   other = tmp_path / "other.png"
   Image.fromarray(np.zeros((30, 50, 3), np.uint8)).save(other)
   lines = ["caption en", "", "/image " + str(other), "/image /nope.png", "/sampler topk(5, 0.7)",
-           "/sampler topk(0)", "/max_len 0", "/max_len 7", "/seed 3", "/save " + str(tmp_path),
+           "/sampler topk(0)", "/sampler topk(k=2000)", "/max_len 0", "/max_len 7", "/seed 3",
+           "/save " + str(tmp_path),
            "/bogus", "please fail", "detect cat", "/save " + str(tmp_path / "d" / "s.png"),
            "/show", "/help", "caption en"]
-  session, pipe, out, read_line = _session(tmp_path, lines)
+  session, pipe, out, read_line = _session(tmp_path, lines, forbidden_ids=(9, 3))
   assert session.run(read_line) == 0  # ends at end of input (EOF)
   text = out.getvalue()
+  assert "error: k=2000 exceeds the 1400 token ids left to generate (still using topk(5, 0.7))" \
+      in text
   assert "a cat\n[4 tokens, 0.50 s, 8.0 tokens/s; compiled in 0.5 s]" in text
   assert "[4 tokens, 0.50 s, 8.0 tokens/s]" in text  # later turns: nothing compiled
   assert f"image: {other} (50x30)" in text
@@ -81,6 +90,7 @@ def test_session_commands_and_errors(tmp_path):
   assert kw["max_decode_len"] == 7 and str(kw["sampler"]) == "topk(5, 0.7)"
   assert pipe.calls[-1][0][0].size == (50, 30)
   assert kw["seed"] == 3 + 4  # seed + turn
+  assert all(c[2]["forbidden_ids"] == (3, 9) for c in pipe.calls)
 
 
 def test_exit_words_end_the_loop(tmp_path):
@@ -94,6 +104,16 @@ def test_bad_start_arguments(capsys):
   assert interactive.main(lambda: pytest.fail("no model"), DEMO_IMAGE, sampler="beam") == 2
   err = capsys.readouterr().err
   assert "no such image file" in err and "unknown sampler" in err
+
+
+def test_options_beyond_the_vocabulary_stop_the_session_before_compiling(tokenizer, capsys):
+  config = demo.demo_config()
+  pipe = pipeline.PaliGemmaPipeline(config, paligemma.init_params(config, seed=0), tokenizer)
+  for kw, message in [(dict(sampler="topk(1401)"), "k=1401 exceeds the 1400 token ids"),
+                      (dict(forbidden_ids=(1536,)), "1536 is not a token id of this model")]:
+    assert interactive.main(lambda: pipe, DEMO_IMAGE, **kw) == 2
+    assert message in capsys.readouterr().err
+  assert not pipe._compiled
 
 
 def test_real_program_through_a_terminal(tmp_path, tmp_path_factory):
@@ -135,6 +155,8 @@ def test_real_program_through_a_terminal(tmp_path, tmp_path_factory):
     step("/image /nope.png", "error: /nope.png: no such image file", exact=True)
     step("/sampler nucleus(0.9)", "sampler: nucleus(0.9, 1)", exact=True)
     step("/sampler nucleus(2)", "error: sampler 'nucleus(2)': p must be in (0, 1]", exact=True)
+    step("/sampler topk(k=5000)", "error: sampler topk(5000, 1): k=5000 exceeds the 1400 token "
+         "ids left to generate", exact=True)
     step("/frobnicate", "error: unknown command /frobnicate", exact=True)
     step("/max_len 4", "max_len: 4", exact=True)
     child.sendline("detect cat")

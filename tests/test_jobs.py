@@ -195,6 +195,7 @@ def test_jsonl_prompts_and_detect_pictures(tmp_path, pipe):
 
   class Flaky:  # generate() refuses any batch holding the "explode" prompt
     config = pipe.config
+    check_decoding = pipe.check_decoding
 
     def generate(self, images, prompts, **kw):
       if any("explode" in p for p in prompts):
@@ -218,6 +219,34 @@ def test_jsonl_prompts_and_detect_pictures(tmp_path, pipe):
   assert "objects" not in records[2] and "objects" not in records[4]
   assert "no such image file" in records[3]["error"]
   assert sorted(os.listdir(pics)) == ["000000_a"]
+
+
+def test_answer_start_and_forbidden_ids_reach_the_results(tmp_path, pipe):
+  """A forced start is part of each line's text, so a detect answer parses with its boxes."""
+  img = _png(tmp_path / "a.png", 64, 80)
+  start = "<loc0100><loc0200><loc0600><loc0900> cat ;"
+  out = tmp_path / "out.jsonl"
+  banned = list(range(1000, 1400))
+  jobs.run_job(lambda: pipe, img, "detect cat", str(out), batch_size=1, max_decode_len=4,
+               answer_start=start, forbidden_ids=banned, progress=False)
+  [rec] = _lines(out)
+  assert rec["text"].startswith(start) and not set(banned) & set(rec["tokens"])
+  first = rec["objects"][0]
+  assert first["label"] == "cat"
+  np.testing.assert_allclose(first["box"], [100 / 1023 * 64, 200 / 1023 * 80, 600 / 1023 * 64,
+                                            900 / 1023 * 80])
+
+
+def test_options_beyond_the_vocabulary_stop_the_job(tmp_path, pipe):
+  """Not one error line per image: the job refuses to start, before compiling anything."""
+  img = _png(tmp_path / "a.png", 20, 20)
+  out = tmp_path / "out.jsonl"
+  compiled = dict(pipe._compiled)
+  for kw, message in [(dict(sampler="topk(1401)"), "k=1401 exceeds the 1400 token ids"),
+                      (dict(forbidden_ids=[1536]), "1536 is not a token id of this model")]:
+    with pytest.raises(jobs.JobError, match=message):
+      jobs.run_job(lambda: pipe, img, "caption en", str(out), progress=False, **kw)
+  assert out.read_bytes() == b"" and pipe._compiled == compiled
 
 
 # ---------------------------------------------------------------------------
@@ -273,6 +302,9 @@ def records_by_image(records, path):
 @pytest.mark.parametrize("args, message", [
     (["--images=/nonexistent/dir"], "--images needs --output_jsonl"),
     (["--images=x", "--interactive"], "do not combine"),
+    (["--images=x", "--output_jsonl=o.jsonl", "--beam_size=2", "--stream"],
+     "--beam_size=2, --stream=True: for a single --image run only"),
+    (["--interactive", "--sampler=topk(inf)"], "k must be a finite number"),
 ])
 def test_cli_errors(args, message, tmp_path):
   r = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=tmp_path,
