@@ -120,3 +120,45 @@ def test_greedy_tokens_match_reference_generate(name, ckpt_path, flat_params, hf
                                vocab_limit=tokenizer.vocab_size)
   assert len(ref) == 16, "fixture emitted eos early; the comparison would be short"
   assert ours.tokens == ref.tolist()
+
+
+BATCH_PROMPTS = ("caption en", "answer en what is in the image ? how many people are there ?",
+                 "detect cat ; dog", "ocr")
+
+
+@pytest.mark.parametrize("name", ["pg1_mqa", "pg2_gqa"])
+def test_batch_greedy_matches_single_rows_and_reference(name, ckpt_path, flat_params, hf_models,
+                                                        tokenizer, test_image):
+  """A float32 batch of 4 rows whose prompt lengths differ by 10+ tokens: row by row, the tokens
+  equal single-row decoding and HF's greedy generate; and teacher-forced through HF along our
+  tokens (eos included), every emitted token is the reference argmax: its logit is within
+  F32_TOLERANCE * (that step's max |logit|) of the step's maximum."""
+  spec = bv_fixtures.SPECS[name]
+  loaded = checkpoint.load_npz(ckpt_path(name), overrides=spec_overrides(spec))
+  pipe = PaliGemmaPipeline(loaded.config, loaded.params, tokenizer, cache_dtype="float32")
+  prompts = [tokenizer.prompt(p) for p in BATCH_PROMPTS]
+  lengths = [len(t) for t, _ in prompts]
+  assert max(lengths) - min(lengths) >= 10, lengths
+  rng = np.random.default_rng(1)
+  images = [test_image, test_image[::-1], test_image[:, ::-1],
+            rng.integers(0, 256, (90, 120, 3)).astype(np.uint8)]
+  n = 12
+  batched = pipe.generate(images, list(BATCH_PROMPTS), max_decode_len=n)
+  hf = _hf(hf_models, flat_params, name)
+  first_tokens = set()
+  for img, (tokens, mask_ar), row in zip(images, prompts, batched):
+    [alone] = pipe.generate([img], [row.prompt], max_decode_len=n)
+    assert row.tokens == alone.tokens, row.prompt
+    pixels = image.preprocess(img, spec["image_size"])[None]
+    emitted = row.tokens + ([tokenizer.eos_id] if len(row.tokens) < n else [])
+    text = np.concatenate([tokens, np.asarray(emitted, np.int32)])[None]
+    mask = np.concatenate([mask_ar, np.ones(len(emitted), np.int32)])[None]
+    ref = hf_reference.hf_logits(hf, pixels, text, mask)[0]
+    first = bv_fixtures.spec_image_tokens(spec) + len(tokens) - 1
+    steps = ref[first:first + len(emitted), :tokenizer.vocab_size]
+    gap = steps.max(-1) - steps[np.arange(len(emitted)), emitted]
+    assert np.all(gap <= F32_TOLERANCE * np.abs(steps).max(-1)), (row.prompt, gap)
+    greedy = hf_reference.hf_greedy(hf, pixels, tokens[None], n, vocab_limit=tokenizer.vocab_size)
+    assert row.tokens == greedy.tolist(), row.prompt
+    first_tokens.add(tuple(row.tokens[:2]))
+  assert len(first_tokens) == len(images), "rows must differ for row mix-ups to show"
