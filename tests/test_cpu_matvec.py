@@ -28,58 +28,43 @@ def _bf16(a):
   return jnp.asarray(a, jnp.float32).astype(jnp.bfloat16)
 
 
-# rows: under, at and over a group of 4; inputs: none, under one step of 32 weights, a tail of
-# 8 or 4 after whole steps; outputs: under one group of 4, a tail, several chunks (128 outputs
-# of 1024 inputs make one chunk, so 1000 x 1024 is 8 of them and 4133 x 64 is 3).
-@pytest.mark.parametrize("rows,outs,ins", [
-    (1, 7, 40), (3, 1000, 1024), (4, 5, 16), (5, 4133, 64), (8, 33, 4100), (16, 300, 96),
-    (2, 5, 0), (0, 5, 64), (2, 0, 64)])
-def test_matvec_exact_on_integers(rows, outs, ins):
+# matvec: rows under, at and over a group of 4; inputs none, under one step of 32 weights, a
+# tail of 8 or 4 after whole steps; outputs under one group of 4, a tail, several chunks (128
+# outputs of 1024 inputs make one chunk, so 1000 x 1024 is 8 of them and 4133 x 64 is 3).
+MATVEC_SHAPES = [(1, 7, 40), (3, 1000, 1024), (4, 5, 16), (5, 4133, 64), (8, 33, 4100),
+                 (16, 300, 96), (2, 5, 0), (0, 5, 64), (2, 0, 64)]
+# gemm: rows a panel of 16, of 32, one over, several (272 = the small preset's prefill);
+# outputs under, at and over the 12 rows of a block and the 48 of a chunk; inputs none, one,
+# under, at and over the 256 of a block.
+GEMM_SHAPES = [(17, 13, 40), (16, 12, 256), (33, 49, 257), (32, 48, 600), (272, 1000, 1024),
+               (1, 1, 1), (48, 47, 5), (5, 3, 0), (0, 4, 8), (4, 0, 8)]
+
+
+@pytest.mark.parametrize("product,rows,outs,ins", [("matvec", *s) for s in MATVEC_SHAPES] +
+                         [("gemm", *s) for s in GEMM_SHAPES])
+def test_products_exact_on_integers(product, rows, outs, ins):
   """Small integers are exact in bfloat16 and their sums exact in float32: any misplaced
   weight, row or output shows as an exact mismatch."""
   rng = np.random.default_rng(rows * 7919 + outs + ins)
   x = rng.integers(-8, 9, (rows, ins)).astype(np.float32)
   w = rng.integers(-8, 9, (outs, ins)).astype(np.float32)
-  got = jax.jit(cpu_matvec.matvec)(jnp.asarray(x), _bf16(w))
+  got = jax.jit(getattr(cpu_matvec, product))(jnp.asarray(x), _bf16(w))
   assert got.shape == (rows, outs) and got.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(got), x @ w.T)
 
 
-@pytest.mark.parametrize("rows,outs,ins", [(1, 1000, 1024), (8, 513, 2048), (16, 64, 4100)])
-def test_matvec_float32_accuracy(rows, outs, ins):
+# gemm: 4 blocks of inputs, the sums carried between them.
+@pytest.mark.parametrize("product,rows,outs,ins", [
+    ("matvec", 1, 1000, 1024), ("matvec", 8, 513, 2048), ("matvec", 16, 64, 4100),
+    ("gemm", 100, 70, 1030)])
+def test_products_float32_accuracy(product, rows, outs, ins):
   """Against a float64 product of the same bfloat16 weights: float32 accumulation, relative
   error under 1e-5 of the largest output (XLA's own float32 dot lands at ~1e-7 here)."""
   rng = np.random.default_rng(outs)
   x = rng.standard_normal((rows, ins)).astype(np.float32)
   w = _bf16(rng.standard_normal((outs, ins)))
   ref = x.astype(np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
-  got = np.asarray(jax.jit(cpu_matvec.matvec)(jnp.asarray(x), w))
-  assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-5
-
-
-# rows: a panel of 16, of 32, one over, several (272 = the small preset's prefill); outputs:
-# under, at and over the 12 rows of a block and the 48 of a chunk; inputs: none, one, under,
-# at and over the 256 of a block.
-@pytest.mark.parametrize("rows,outs,ins", [
-    (17, 13, 40), (16, 12, 256), (33, 49, 257), (32, 48, 600), (272, 1000, 1024), (1, 1, 1),
-    (48, 47, 5), (5, 3, 0), (0, 4, 8), (4, 0, 8)])
-def test_gemm_exact_on_integers(rows, outs, ins):
-  rng = np.random.default_rng(rows * 7919 + outs + ins)
-  x = rng.integers(-8, 9, (rows, ins)).astype(np.float32)
-  w = rng.integers(-8, 9, (outs, ins)).astype(np.float32)
-  got = jax.jit(cpu_matvec.gemm)(jnp.asarray(x), _bf16(w))
-  assert got.shape == (rows, outs) and got.dtype == jnp.float32
-  np.testing.assert_array_equal(np.asarray(got), x @ w.T)
-
-
-def test_gemm_float32_accuracy():
-  """As the matvec's: under 1e-5 of the largest output against float64, over 4 blocks of
-  inputs (the sums carried between blocks)."""
-  rng = np.random.default_rng(3)
-  x = rng.standard_normal((100, 1030)).astype(np.float32)
-  w = _bf16(rng.standard_normal((70, 1030)))
-  ref = x.astype(np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
-  got = np.asarray(jax.jit(cpu_matvec.gemm)(jnp.asarray(x), w))
+  got = np.asarray(jax.jit(getattr(cpu_matvec, product))(jnp.asarray(x), w))
   assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-5
 
 
