@@ -9,7 +9,7 @@ import pytest
 
 import bv_fixtures
 from conftest import spec_config
-from paligemma_jax import decode, outputs, paligemma
+from paligemma_jax import decode, outputs
 from paligemma_jax.pipeline import PaliGemmaPipeline
 
 
