@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Two revisions of paligemma_jax in one process: prefill and decode times, paired.
 
-    python benchmarks/ab_revisions.py --base=HEAD~2 [--preset=small --batch_size=1 --pairs=20]
+    python -m benchmarks.ab_revisions --base=HEAD~2 [--preset=small --batch_size=1 --pairs=20]
 
 On a shared machine the speed moves by tens of percent from minute to minute, so two runs of
 `decode.py` cannot tell a 5% change. Here the base revision's package is exported with
@@ -14,6 +14,7 @@ paligemma.unstacked, decode.jit_prefill / jit_decode): any revision since the ou
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import subprocess
@@ -25,8 +26,6 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 BASE_NAME = "paligemma_jax_base"
 
 
@@ -48,6 +47,16 @@ def export_base(rev: str, into: str) -> str:
         f.write(text)
   return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", rev], check=True,
                         capture_output=True, text=True).stdout.strip()
+
+
+def _import_base(into: str):
+  """Imports the exported base package by its location; its submodules resolve through it."""
+  pkg = os.path.join(into, BASE_NAME)
+  spec = importlib.util.spec_from_file_location(
+      BASE_NAME, os.path.join(pkg, "__init__.py"), submodule_search_locations=[pkg])
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[BASE_NAME] = module
+  spec.loader.exec_module(module)
 
 
 def build(pkg, config, params, dtype, text_len, max_decode_len):
@@ -81,13 +90,12 @@ def main():
 
   tmp = tempfile.mkdtemp(prefix="ab_base_")
   rev = export_base(args.base, tmp)
-  sys.path.insert(0, tmp)
+  _import_base(tmp)
   import jax
   import jax.numpy as jnp
   import importlib
-  from specs import spec_config
-  sys.path.insert(0, HERE)
-  import decode as bench  # noqa: E402 (benchmarks/decode.py: the presets)
+  from tests.specs import spec_config
+  from benchmarks import decode as bench  # (benchmarks/decode.py: the presets)
   from paligemma_jax import decode, paligemma
 
   spec = bench.PRESETS[args.preset]

@@ -1,6 +1,6 @@
 """Images/s of a batch job (jobs.run_job, --batch_size) against a loop of single-image calls.
 
-    python benchmarks/batch_images.py --n_images=16 --max_decode_len=16 --json=out/batch.json
+    python -m benchmarks.batch_images --n_images=16 --max_decode_len=16 --json=out/batch.json
 
 Both sides do the whole per-image work: decode an image file (640x480 JPEG), preprocess,
 prefill, decode `max_decode_len` tokens. The batch side is the real job path: decoding in
@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

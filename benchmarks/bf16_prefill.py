@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """bfloat16 prefill on the CPU: the GEMM kernel (`cpu_matvec.gemm`) against XLA's own dots.
 
-    python benchmarks/bf16_prefill.py --preset=3b --pairs=4
+    python -m benchmarks.bf16_prefill --preset=3b --pairs=4
 
 `ab_revisions.py` builds two parameter trees, which does not fit for 3b beside XLA's float32
 copies in 23 GiB. Here one tree serves both prefills: one compiled as the pipeline compiles it,
@@ -18,15 +18,13 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import decode as bench  # noqa: E402 (benchmarks/decode.py: presets, lean 3b weights)
+from benchmarks import decode as bench  # (benchmarks/decode.py: presets, lean 3b weights)
 from paligemma_jax import cpu_matvec, decode, paligemma  # noqa: E402
-from specs import spec_config  # noqa: E402
+from tests.specs import spec_config  # noqa: E402
 
 
 def peak_gib() -> float:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Prefill and decode speed: paligemma_jax against HF transformers, in one process.
 
-    python benchmarks/decode.py --preset=small --batch_size=1 --max_decode_len=32 \
+    python -m benchmarks.decode --preset=small --batch_size=1 --max_decode_len=32 \
         --dtype=float32 --json=out/small_b1_f32.json
 
 Both models get the same random weights (drawn by `paligemma.init_params` in big_vision's
@@ -26,17 +26,13 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-for _p in (HERE, REPO, os.path.join(REPO, "tests")):
-  if _p not in sys.path:
-    sys.path.insert(0, _p)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-import roofline  # noqa: E402
+from benchmarks import roofline
 from paligemma_jax import cpu_matvec, decode, paligemma  # noqa: E402
-from specs import spec_config  # noqa: E402 (tests/specs.py)
+from tests.specs import spec_config  # noqa: E402 (tests/specs.py)
 
 EOS, PAD, BOS = 1, 0, 2
 
@@ -139,7 +135,7 @@ def build_hf(flat: dict, spec: dict, torch_dtype, attn: str, lean: bool, device:
   import contextlib
 
   import torch
-  import hf_reference
+  from tests import hf_reference
   from transformers import PaliGemmaForConditionalGeneration
 
   if not lean:
@@ -274,7 +270,7 @@ class StepTimes:
 class HF:
   def __init__(self, model, images, text, torch_dtype, device="cpu"):
     import torch
-    import hf_reference
+    from tests import hf_reference
 
     self.torch = torch
     self.hf_reference = hf_reference

@@ -23,7 +23,7 @@ step() {  # step NAME SECONDS [ENV=VALUE ...] -- decode.py flags
   while [[ $1 != -- ]]; do envs+=("$1"); shift; done
   shift
   echo "=== $name: ${envs[*]:-} $*"
-  env "${envs[@]}" timeout "$limit" "$py" benchmarks/decode.py "$@" --json="$out/$name.json" \
+  env "${envs[@]}" timeout "$limit" "$py" -m benchmarks.decode "$@" --json="$out/$name.json" \
     >"$out/$name.log" 2>&1
   echo "rc=$?"
   grep -E "^(device|preset|prefill|decode|ratios|greedy|ours reaches|read bandwidth|HF cross|Traceback|[A-Za-z]*Error)" \

@@ -2,7 +2,7 @@
 """Where a decode step's time goes: a device trace of our compiled prefill + decode, summed by
 kernel, next to micro-measurements of memory bandwidth and of the decode's matrix-vector shapes.
 
-    python benchmarks/profile_decode.py --preset=3b --dtype=bfloat16 --max_decode_len=32
+    python -m benchmarks.profile_decode --preset=3b --dtype=bfloat16 --max_decode_len=32
 
 Reads the trace with `jax.profiler.ProfileData` (no TensorBoard needed). On the CPU backend
 the "kernels" are XLA's thunks on the host threads, which is less telling.
@@ -19,9 +19,8 @@ import tempfile
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import decode as bench  # noqa: E402 (benchmarks/decode.py: presets, weights, `Ours`)
-import roofline  # noqa: E402
+from benchmarks import decode as bench  # (benchmarks/decode.py: presets, weights, `Ours`)
+from benchmarks import roofline
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

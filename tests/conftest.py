@@ -6,12 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import bv_fixtures  # noqa: E402
+from tests import bv_fixtures
 from paligemma_jax.tokenizer import Tokenizer, train_tiny_tokenizer  # noqa: E402
-from specs import spec_config  # noqa: E402,F401 (tests import it from here)
+from tests.specs import spec_config  # noqa: E402,F401 (tests import it from here)
 
 SPEC_NAMES = tuple(bv_fixtures.SPECS)
 

@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import spec_config
-import bv_fixtures
+from tests.conftest import spec_config
+from tests import bv_fixtures
 from paligemma_jax import decode, gemma, paligemma
 
 

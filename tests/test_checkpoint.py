@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-import bv_fixtures
-from conftest import SPEC_NAMES, spec_config, spec_overrides
+from tests import bv_fixtures
+from tests.conftest import SPEC_NAMES, spec_config, spec_overrides
 from paligemma_jax import checkpoint, paligemma
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,7 +181,6 @@ def test_pickle_is_refused(tmp_path, flat_params):
 
 _MEMORY_PROBE = textwrap.dedent("""
     import sys, threading, time
-    sys.path.insert(0, {repo!r})
     import numpy as np, jax
 
     def anon():

@@ -11,9 +11,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import bv_fixtures
-import hf_reference
-from conftest import spec_overrides
+from tests import bv_fixtures
+from tests import hf_reference
+from tests.conftest import spec_overrides
 from paligemma_jax import checkpoint, cpu_matvec, gemma, image, paligemma
 from paligemma_jax.pipeline import PaliGemmaPipeline
 

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import bv_fixtures
-from conftest import spec_config
+from tests import bv_fixtures
+from tests.conftest import spec_config
 from paligemma_jax import beam_search, decode
 from paligemma_jax.pipeline import PaliGemmaPipeline
 

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bv_fixtures as F  # noqa: E402
-import hf_reference as R  # noqa: E402
+from tests import bv_fixtures as F
+from tests import hf_reference as R
 
 SPEC_NAMES = list(F.SPECS)
 VIT = "img/Transformer/encoderblock/"

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-import bv_fixtures
-from conftest import SPEC_NAMES, spec_config
+from tests import bv_fixtures
+from tests.conftest import SPEC_NAMES, spec_config
 from paligemma_jax import checkpoint, gemma, paligemma
 
 

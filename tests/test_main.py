@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import spec_overrides
-import bv_fixtures
+from tests.conftest import spec_overrides
+from tests import bv_fixtures
 from paligemma_jax import checkpoint
 from paligemma_jax.image import load_image
 from paligemma_jax.pipeline import PaliGemmaPipeline

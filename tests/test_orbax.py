@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-import bv_fixtures
-from conftest import spec_overrides
-from test_sharding import INNER, MESH_SPEC, export_checks, make_outer_test, report_ids
+from tests import bv_fixtures
+from tests.conftest import spec_overrides
+from tests.test_sharding import INNER, MESH_SPEC, export_checks, make_outer_test, report_ids
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,7 +96,6 @@ def test_interrupted_save_is_never_loaded(tmp_path, ckpt_path, tokenizer):
   target = tmp_path / "ckpt"
   script = textwrap.dedent(f"""
       import os, signal, sys
-      sys.path.insert(0, {REPO!r})
       from orbax.checkpoint._src.path import atomicity
       from paligemma_jax import checkpoint, orbax_io
       async def die(self):  # every array is written; the commit (marker + rename) never runs

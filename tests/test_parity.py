@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import bv_fixtures
-import hf_reference
-from conftest import SPEC_NAMES, spec_overrides
+from tests import bv_fixtures
+from tests import hf_reference
+from tests.conftest import SPEC_NAMES, spec_overrides
 from paligemma_jax import checkpoint, image, paligemma
 from paligemma_jax.pipeline import PaliGemmaPipeline
 

@@ -14,8 +14,8 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-import bv_fixtures
-from conftest import spec_config
+from tests import bv_fixtures
+from tests.conftest import spec_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INNER_ENV = "PALIGEMMA_TEST_8_DEVICES"

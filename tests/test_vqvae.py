@@ -9,7 +9,7 @@ import optax
 import pytest
 import torch
 
-import torch_vqvae_reference as ref
+from tests import torch_vqvae_reference as ref
 from paligemma_jax import vqvae
 
 
