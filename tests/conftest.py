@@ -58,3 +58,15 @@ def test_image():
 def spec_overrides(spec) -> dict:
   """What a user would put in configs/ for settings no shape tells (the 27B query scale)."""
   return {"query_scale": spec["query_pre_attn_norm"]}
+
+
+def pytest_terminal_summary(terminalreporter):
+  """Names the reference oracles' versions under the results (pinned in pyproject.toml)."""
+  from importlib import metadata
+  found = []
+  for name in ("torch", "transformers", "jax", "flax"):
+    try:
+      found.append(f"{name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+      found.append(f"{name} (not installed)")
+  terminalreporter.write_line("versions: " + ", ".join(found))

@@ -16,9 +16,10 @@ verified in its source and guarded by an assertion or by the self-check test:
 * A 4D float attention mask passed as ``attention_mask`` is used as-is (mask
   creation returns early for 4D masks), so ``hf_logits`` passes the big_vision
   prefix-LM mask explicitly instead of relying on ``token_type_ids``.
-* HF PaliGemma uses 1-based positions by default (it adds 1 to position_ids);
-  big_vision uses 0-based ones. ``hf_logits`` passes 0-based positions
-  explicitly; ``hf_greedy`` rewrites them with a forward pre-hook.
+* HF PaliGemma uses 1-based positions by default (it adds 1 when it builds
+  position_ids itself); big_vision uses 0-based ones. ``hf_logits`` passes 0-based
+  positions explicitly, and ``hf_greedy`` is a loop over ``hf_logits`` (HF's
+  ``generate`` changed how it feeds PaliGemma's positions in 5.24).
 * Gemma 2's sliding window is disabled by declaring every layer
   ``full_attention`` (and the window is 8192 anyway).
 * PaliGemma applies Gemma 2's final-logit softcap only from transformers 5.23 on
@@ -27,8 +28,6 @@ verified in its source and guarded by an assertion or by the self-check test:
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import numpy as np
 import torch
@@ -52,7 +51,7 @@ def _check_transformers(spec: dict):
             f"a Gemma 2 reference needs transformers >= "
             f"{'.'.join(map(str, GEMMA2_MIN_TRANSFORMERS))} (found {transformers.__version__}): "
             "older PaliGemma models drop Gemma 2's final-logit softcap, so the reference would "
-            "be wrong. pip install -r requirements-test.txt")
+            "be wrong. pip install -e '.[test]'")
 
 _VIT = "img/Transformer/encoderblock/"
 _MHA = _VIT + "MultiHeadDotProductAttention_0/"
@@ -283,76 +282,36 @@ def hf_image_features(model, pixel_values: np.ndarray) -> np.ndarray:
     return out.pooler_output.float().numpy()
 
 
-@contextlib.contextmanager
-def _zero_based_positions(model):
-    """Forces 0-based positions (past length + arange) on every PaliGemmaModel call.
-
-    HF's generate builds 1-based positions for PaliGemma; big_vision's are 0-based.
-    """
-    def hook(module, args, kwargs):
-        if kwargs.get("input_ids") is not None:
-            b, q = kwargs["input_ids"].shape[:2]
-        else:
-            b, q = kwargs["inputs_embeds"].shape[:2]
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
-        device = next(module.parameters()).device
-        kwargs["position_ids"] = (torch.arange(q, dtype=torch.long, device=device)
-                                  + past)[None].expand(b, q)
-        return args, kwargs
-
-    handle = model.model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def hf_greedy(model, pixel_values: np.ndarray, input_ids: np.ndarray, max_new_tokens: int,
               eos_id: int = 1, return_scores: bool = False, vocab_limit: int | None = None):
-    """HF ``generate`` greedy decoding for one example.
+    """Greedy decoding for one example, written here over full HF forward calls.
 
-    Prompt = image tokens + ``input_ids`` (1, T), all bidirectional (token_type_ids
-    0: the standard PaliGemma inference mask); positions 0-based. Returns the new
-    tokens up to (excluding) ``eos_id`` as a 1D int array; with
-    ``return_scores=True`` also the (n_steps, V) float32 raw logits of every
-    step that was generated (including the step that produced eos, if any).
-    ``vocab_limit``: ids >= it are never emitted (HF ``suppress_tokens``), for
-    decoders that restrict output to a tokenizer smaller than the model vocab.
+    HF's ``generate`` is not used: how it builds PaliGemma's positions changed between
+    transformers 5.23 and 5.24 (1-based positions fed by the generation loop, then none), so
+    each step is one ``hf_logits`` call over image + prompt + the tokens so far, with explicit
+    0-based positions and big_vision's mask: prompt (``input_ids`` (1, T)) bidirectional,
+    generated tokens causal. No KV cache, so nothing depends on HF's cache API either.
+
+    Returns the new tokens up to (excluding) ``eos_id`` as a 1D int array; with
+    ``return_scores=True`` also the (n_steps, V) float32 raw logits of every step that was
+    generated (including the step that produced eos, if any). ``vocab_limit``: ids >= it are
+    never emitted (the scores stay raw), for decoders restricted to a smaller tokenizer.
     """
-    ids = _full_ids(model, input_ids)
-    assert ids.shape[0] == 1, "hf_greedy handles batch 1"
-    vocab = model.config.text_config.vocab_size
-    extra = {}
-    if vocab_limit is not None and vocab_limit < vocab:
-        extra["suppress_tokens"] = list(range(int(vocab_limit), vocab))
-    with torch.no_grad(), _zero_based_positions(model):
-        out = model.generate(
-            input_ids=ids,
-            pixel_values=_to_torch_pixels(pixel_values),
-            attention_mask=torch.ones_like(ids),
-            token_type_ids=torch.zeros_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=eos_id,
-            pad_token_id=0,
-            use_cache=True,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **extra,
-        )
-    new = out.sequences[0, ids.shape[1]:].numpy()
-    steps = len(out.logits)
-    new = new[:steps]
-    stop = np.nonzero(new == eos_id)[0]
-    tokens = new[: stop[0]] if len(stop) else new
-    if not return_scores:
-        return tokens.astype(np.int64)
-    scores = np.stack([l[0].float().numpy() for l in out.logits])
-    if len(stop):
-        scores = scores[: stop[0] + 1]
-    return tokens.astype(np.int64), scores
+    prompt = np.asarray(input_ids, np.int64)
+    assert prompt.ndim == 2 and prompt.shape[0] == 1, "hf_greedy handles batch 1"
+    tokens, scores = [], []
+    for _ in range(max_new_tokens):
+        seq = np.concatenate([prompt, np.asarray(tokens, np.int64)[None]], axis=1)
+        mask_ar = np.concatenate([np.zeros_like(prompt), np.ones((1, len(tokens)), np.int64)], 1)
+        logits = hf_logits(model, pixel_values, seq, mask_ar)[0, -1]
+        scores.append(logits)
+        allowed = logits if vocab_limit is None else logits[:int(vocab_limit)]
+        token = int(allowed.argmax())
+        if token == eos_id:
+            break
+        tokens.append(token)
+    tokens = np.asarray(tokens, np.int64)
+    return (tokens, np.stack(scores)) if return_scores else tokens
 
 
 __all__ = [
