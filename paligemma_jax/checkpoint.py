@@ -4,12 +4,17 @@ Arrays are used exactly as stored (big_vision names, scanned layers); the only
 change is the dtype cast to the parameter dtype the user asks for. Uncompressed
 members (np.savez, what big_vision writes) are memory-mapped, so a checkpoint is
 never held twice in host memory; compressed members are streamed one at a time.
+Every member's CRC-32 is checked as it is read (`read_npz`, the one reader of `.npz`
+data): a damaged file is refused, naming the key. The check reads the memory map in
+chunks (no copy) at ~2-3 GB/s on one core: +0.25-0.6 s per GB of checkpoint, 10-40% of
+a load from the page cache.
 """
 import dataclasses
 import math
 import os
 import struct
 import zipfile
+import zlib
 from typing import Callable, Mapping, Optional
 
 import jax
@@ -75,58 +80,132 @@ def _local_data_start(f, info):
   return info.header_offset + 30 + name_len + extra_len
 
 
-def iter_npz(path: str):
-  """Yields (key, array) for each member: memory-mapped when stored, else read once.
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """One `.npy` member of an `.npz`, from its headers (no data read)."""
+  name: str                # the zip member name, e.g. "params/llm/final_norm/scale.npy"
+  shape: tuple
+  dtype: np.dtype
+  order: str               # "C" or "F"
+  info: zipfile.ZipInfo
+  start: int               # where the member's bytes (npy header included) begin in the file
+  data_offset: int         # where its array data begins, counted from `start`
 
-  Keys lose the `.npy` suffix; the `params/` prefix is kept (see `strip_prefix`).
-  """
+
+def _open_zip(path):
   try:
-    zf = zipfile.ZipFile(path)
+    return zipfile.ZipFile(path)
   except FileNotFoundError:
     raise CheckpointError(f"{path}: no such checkpoint file") from None
   except (zipfile.BadZipFile, OSError) as e:
     raise CheckpointError(
         f"{path}: not a readable .npz (zip) file ({e}); is it truncated, or not a big_vision "
         "checkpoint?") from e
+
+
+def npz_index(path, keep: Callable[[str], bool] = lambda key: True,
+              dtypes=ACCEPTED_DTYPES) -> dict:
+  """key (without `params/`) -> Member, for the members whose key `keep` selects.
+
+  Reads only the headers: refuses pickled arrays, truncated members and files, and dtypes
+  outside `dtypes` (None: any), each naming the file and the key.
+  """
+  path = os.fspath(path)
+  zf = _open_zip(path)
   file_size = os.path.getsize(path)
+  index = {}
   with zf, open(path, "rb") as raw:
     for info in zf.infolist():
-      key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-      with zf.open(info) as member:
-        shape, fortran, dtype = _npy_header(member, path, key)
-        count = math.prod(shape)
-        nbytes = count * dtype.itemsize
-        order = "F" if fortran else "C"
-        if member.tell() + nbytes > info.file_size:
-          raise CheckpointError(
-              f"{path}: key '{key}' of shape {shape} needs {nbytes} bytes of data but holds "
-              f"{info.file_size - member.tell()} (truncated member)")
-        if info.compress_type == zipfile.ZIP_STORED:
-          offset = _local_data_start(raw, info) + member.tell()
-          if offset + nbytes > file_size:
-            raise CheckpointError(
-                f"{path}: key '{key}' needs {nbytes} bytes of data but the file ends early "
-                "(truncated file)")
-          if nbytes == 0:
-            array = np.zeros(shape, dtype, order=order)
-          else:
-            array = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
-        else:
-          array = np.empty(shape, dtype, order=order)
-          buffer = memoryview(array.reshape(-1, order="A").view(np.uint8))
-          got = 0
-          try:
-            while got < nbytes:
-              n = member.readinto(buffer[got:])
-              if not n:
-                break
-              got += n
-          except (zipfile.BadZipFile, EOFError, OSError) as e:
-            raise CheckpointError(f"{path}: key '{key}' could not be read: {e}") from e
-          if got != nbytes:
-            raise CheckpointError(
-                f"{path}: key '{key}' has {got} bytes of data, expected {nbytes} (truncated file)")
-      yield key, array
+      name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+      key = strip_prefix(name)
+      if not keep(key):
+        continue
+      try:
+        with zf.open(info) as member:
+          shape, fortran, dtype = _npy_header(member, path, name)
+          data_offset = member.tell()
+        start = _local_data_start(raw, info)
+      except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+        raise CheckpointError(f"{path}: key '{name}' could not be read: {e}") from e
+      nbytes = math.prod(shape) * dtype.itemsize
+      if data_offset + nbytes > info.file_size:
+        raise CheckpointError(
+            f"{path}: key '{name}' of shape {shape} needs {nbytes} bytes of data but holds "
+            f"{info.file_size - data_offset} (truncated member)")
+      if info.compress_type == zipfile.ZIP_STORED and start + info.file_size > file_size:
+        raise CheckpointError(
+            f"{path}: key '{name}' needs {nbytes} bytes of data but the file ends early "
+            "(truncated file)")
+      if dtypes is not None and dtype not in dtypes:
+        raise CheckpointError(
+            f"{path}: key '{key}' has dtype {dtype}; expected one of float32, float16, bfloat16")
+      index[key] = Member(info.filename, shape, dtype, "F" if fortran else "C", info, start,
+                          data_offset)
+  return index
+
+
+CRC_CHUNK = 16 << 20
+
+
+def _check_crc(path, key, member: Member, data: np.ndarray):
+  """CRC-32 of a stored member's bytes (a uint8 memory map), chunk by chunk: no copy."""
+  crc = 0
+  for i in range(0, data.size, CRC_CHUNK):
+    crc = zlib.crc32(data[i:i + CRC_CHUNK], crc)
+  if crc != member.info.CRC:
+    raise CheckpointError(
+        f"{path}: key '{key}' fails its CRC-32 check (stored {member.info.CRC:08x}, read "
+        f"{crc:08x}): the file is damaged; download or copy it again")
+
+
+def _read_member(path, key, member: Member, zf) -> np.ndarray:
+  """The member's array, CRC-checked: memory-mapped when stored, else decompressed once."""
+  info, nbytes = member.info, math.prod(member.shape) * member.dtype.itemsize
+  if info.compress_type == zipfile.ZIP_STORED:
+    raw = np.memmap(path, np.uint8, mode="r", offset=member.start, shape=(info.file_size,))
+    _check_crc(path, key, member, raw)
+    data = raw[member.data_offset:member.data_offset + nbytes]
+    return data.view(member.dtype).reshape(member.shape, order=member.order)
+  array = np.empty(member.shape, member.dtype, order=member.order)
+  buffer = memoryview(array.reshape(-1, order="A").view(np.uint8))
+  try:
+    with zf.open(info) as f:
+      f.seek(member.data_offset)
+      got = 0
+      while got < nbytes:
+        n = f.readinto(buffer[got:])
+        if not n:
+          break
+        got += n
+      while f.read(1 << 16):  # zipfile checks the CRC once the member is read to its end
+        pass
+  except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+    raise CheckpointError(f"{path}: key '{key}' could not be read ({e}): the file is "
+                          "damaged; download or copy it again") from e
+  if got != nbytes:
+    raise CheckpointError(
+        f"{path}: key '{key}' has {got} bytes of data, expected {nbytes} (truncated file)")
+  return array
+
+
+def read_npz(path, index: Mapping[str, Member],
+             place: Callable[[str, np.ndarray], object] = lambda key, host: host):
+  """Yields (key, place(key, host)) for each member of `index` (from `npz_index`), in key order.
+
+  The one reader of `.npz` data. `host` is the member's array, its CRC-32 verified first
+  (CheckpointError naming the file and the key on a mismatch): a read-only memory map of
+  the file for stored members (np.savez, what big_vision writes; the check reads the pages
+  once, the map holds no copy in anonymous memory), an array decompressed once otherwise.
+  `place` turns it into what the caller keeps (device_put, a sharded placement, a cast);
+  `host` is dropped as soon as `place` returns.
+  """
+  path = os.fspath(path)
+  with _open_zip(path) as zf:
+    for key in sorted(index):
+      host = _read_member(path, key, index[key], zf)
+      placed = place(key, host)
+      del host
+      yield key, placed
 
 
 def strip_prefix(key: str) -> str:
@@ -224,6 +303,15 @@ class Loaded:
   source: str
 
 
+def npz_config(path: str, overrides: Optional[Mapping] = None):
+  """-> (`npz_index(path)`, the config inferred from its shapes and validated against them)."""
+  index = npz_index(path)
+  shapes = {k: m.shape for k, m in index.items()}
+  config = infer_config(shapes, path, overrides)
+  validate(shapes, config, path)
+  return index, config
+
+
 # The subtrees big_vision stacks over depth; `unstack` splits them into `<name>_i`.
 STACKED_TOWERS = ("llm/layers", "img/Transformer/encoderblock")
 
@@ -239,29 +327,20 @@ def load_npz(path: str, dtype=jnp.float32, overrides: Optional[Mapping] = None,
   sliced from the memory-mapped member and placed on its own, so no stacked copy is made.
   """
   path = os.fspath(path)
-  arrays = {}
-  for key, array in iter_npz(path):
-    if array.dtype not in ACCEPTED_DTYPES:
-      raise CheckpointError(
-          f"{path}: key '{strip_prefix(key)}' has dtype {array.dtype}; expected one of float32, "
-          "float16, bfloat16")
-    arrays[strip_prefix(key)] = array
-  shapes = {k: v.shape for k, v in arrays.items()}
-  config = infer_config(shapes, path, overrides)
-  validate(shapes, config, path)
+  index, config = npz_config(path, overrides)
   place = place or (lambda key, a: jax.device_put(a))
-  flat = {}
-  for key in sorted(arrays):
-    host = arrays.pop(key)  # drop our reference as soon as it is on the device
+
+  def put(key, host):  # -> {flat key: placed array}, one layer at a time when unstacking
     pieces = [(key, host)]
     tower = next((t for t in STACKED_TOWERS if key.startswith(t + "/")), None)
     if unstack and tower:
       pieces = [(f"{tower}_{i}/{name}", a) for i, (name, a) in enumerate(
           gemma.split_layers(key[len(tower) + 1:], host, out_major and tower == "llm/layers"))]
-    for piece_key, piece in pieces:
-      piece = np.ascontiguousarray(piece, dtype=dtype)
-      flat[piece_key] = place(piece_key, piece)
-    del host, pieces, piece
+    return {k: place(k, np.ascontiguousarray(a, dtype=dtype)) for k, a in pieces}
+
+  flat = {}
+  for _, placed in read_npz(path, index, put):
+    flat.update(placed)
   return Loaded(config, traverse_util.unflatten_dict(flat, sep="/"), path)
 
 

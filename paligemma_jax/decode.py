@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import numbers
 import re
 from typing import Callable, Optional
 
@@ -242,6 +243,18 @@ def decode(model: PaliGemma, params, logits, cache, cache_valid, last_positions,
         cache=cache, cache_valid=cache_valid, rng=rng)
 
   return jax.lax.while_loop(cond, body, state)
+
+
+def seed_key(seed) -> jax.Array:
+  """A PRNG key from all 64 bits of an integer seed (negative: two's complement), as
+  jax.random.PRNGKey gives with jax_enable_x64; without it PRNGKey keeps the low 32 bits only,
+  so 2**32 would draw as 0. Equal to PRNGKey(seed) for 0 <= seed < 2**32."""
+  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
+      or not -2 ** 63 <= seed < 2 ** 64:
+    raise ValueError(f"seed must be an integer that fits in 64 bits (-2**63 <= seed < 2**64), "
+                     f"got {seed!r}")
+  seed = int(seed) % 2 ** 64
+  return jnp.array([seed >> 32, seed & 0xFFFFFFFF], jnp.uint32)
 
 
 def answer_lengths(tokens, eos_id):

@@ -328,20 +328,7 @@ def load_npz_sharded(path: str, mesh: Mesh, dtype=np.float32,
   """`checkpoint.load_npz` onto a mesh: each array goes straight to its rule's sharding."""
   from paligemma_jax import checkpoint
   path = str(path)
-  arrays = {}
-  for key, array in checkpoint.iter_npz(path):
-    if array.dtype not in checkpoint.ACCEPTED_DTYPES:
-      raise checkpoint.CheckpointError(
-          f"{path}: key '{checkpoint.strip_prefix(key)}' has dtype {array.dtype}; expected "
-          "one of float32, float16, bfloat16")
-    arrays[checkpoint.strip_prefix(key)] = array
-  shapes = {k: v.shape for k, v in arrays.items()}
-  config = checkpoint.infer_config(shapes, path, overrides)
-  checkpoint.validate(shapes, config, path)
-  flat = {}
-  for key in sorted(arrays):
-    host = arrays.pop(key)
-    flat[key] = place_host_array(host, NamedSharding(mesh, param_spec(key, host.shape, mesh)),
-                                 dtype)
-    del host
+  index, config = checkpoint.npz_config(path, overrides)
+  flat = dict(checkpoint.read_npz(path, index, lambda key, host: place_host_array(
+      host, NamedSharding(mesh, param_spec(key, host.shape, mesh)), dtype)))
   return checkpoint.Loaded(config, traverse_util.unflatten_dict(flat, sep="/"), path)

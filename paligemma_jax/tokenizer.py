@@ -20,7 +20,8 @@ SEG_PIECES = tuple(f"<seg{i:03d}>" for i in range(128))
 class Tokenizer:
   """Wraps a sentencepiece model file (e.g. `paligemma_tokenizer.model`)."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str | os.PathLike):
+    path = os.fspath(path)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"tokenizer file not found: {path}")
     self.path = path

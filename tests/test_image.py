@@ -1,5 +1,11 @@
 """Image decoding to RGB and big_vision's bilinear-without-antialias preprocessing."""
 import io
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
 
 import jax
 import numpy as np
@@ -7,6 +13,8 @@ import pytest
 from PIL import Image
 
 from paligemma_jax import image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("shape", [(200, 300), (17, 5), (500, 224), (224, 224), (10, 900)])
@@ -85,3 +93,75 @@ def test_not_an_image(tmp_path):
   trunc.write_bytes(buf.getvalue()[:60])
   with pytest.raises(image.ImageError, match="t.png"):
     image.load_image(str(trunc))
+
+
+# ---------------------------------------------------------------------------
+# Memory: our pixel limit, checked from the header; JPEGs beyond it decode at reduced size.
+
+def _png(path, width, height, rgb=False, rows=True):
+  """A black PNG written row by row (a 13000x13000 one is 164 KB), never whole in memory.
+  rows=False: the header only, with an empty IDAT (what `Image.open` reads)."""
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+  z = zlib.compressobj(9)
+  row = b"\0" * (1 + width * (3 if rgb else 1))
+  data = b"".join([z.compress(row) for _ in range(height if rows else 0)] + [z.flush()])
+  header = struct.pack(">IIBBBBB", width, height, 8, 2 if rgb else 0, 0, 0, 0)
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+                   + chunk(b"IEND", b""))
+  return str(path)
+
+
+_PEAK_PROBE = """
+import sys
+from paligemma_jax import image
+def hwm():
+  return int([l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]) * 1024
+base = hwm()
+try:
+  image.preprocess(image.load_image(sys.argv[1]), 224)
+  print('ok')
+except image.ImageError as e:
+  print('error:', e)
+print(hwm() - base)
+"""
+
+
+def _peak(path):
+  """(what load_image + preprocess said, peak resident bytes added) in a fresh process."""
+  out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, path], capture_output=True, text=True,
+                       check=True, cwd=REPO).stdout.strip().splitlines()
+  return out[-2], int(out[-1])
+
+
+def test_pixel_limit_is_ours_and_fires_before_decoding(tmp_path):
+  """A 13000x13000 PNG (164 KB) decoded to 2.8 GB; PIL's own limit (~179M) never fired."""
+  said, peak = _peak(_png(tmp_path / "huge.png", 13000, 13000))
+  assert re.search(r"huge.png: image of 13000x13000 pixels exceeds the limit of 67108864 "
+                   r"pixels", said), said
+  assert peak < 100e6, peak
+  # Beyond PIL's limit its check, at open, comes first; the message is still ours.
+  with pytest.raises(image.ImageError, match=r"bomb.png: image exceeds the limit of 67108864"):
+    image.load_image(_png(tmp_path / "bomb.png", 20000, 20000, rows=False))
+
+
+def test_largest_allowed_image_peaks_near_two_copies(tmp_path):
+  """8192x8192 RGB: PIL's picture (4 bytes a pixel) + the uint8 array (3): ~8 bytes a pixel
+  (0.54 GB; 17 before: a whole float32 copy in the resize and tobytes()'s transient copy)."""
+  pixels = 8192 * 8192
+  assert image.MAX_PIXELS == pixels
+  said, peak = _peak(_png(tmp_path / "max.png", 8192, 8192, rgb=True))
+  assert said == "ok"
+  assert peak < 10 * pixels, f"{peak / pixels:.1f} bytes a pixel"
+
+
+def test_jpeg_beyond_the_limit_decodes_at_reduced_size(tmp_path, monkeypatch, test_image):
+  monkeypatch.setattr(image, "MAX_PIXELS", 100 * 100)
+  jpeg = _save(tmp_path, Image.fromarray(test_image), "big.jpg", quality=95)  # 300x200
+  out = image.load_image(jpeg)
+  assert out.size == (75, 50)  # 1/2 would still be 15000 pixels; 1/4 fits
+  small = np.asarray(Image.fromarray(test_image).resize((75, 50), Image.BOX), np.float32)
+  assert np.abs(np.asarray(out, np.float32) - small).mean() < 12
+  with pytest.raises(image.ImageError,
+                     match=r"big.png: image of 300x200 pixels exceeds the limit of 10000 pixels"):
+    image.load_image(_save(tmp_path, Image.fromarray(test_image), "big.png"))
