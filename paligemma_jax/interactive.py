@@ -18,7 +18,7 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-from paligemma_jax import decode, image as image_lib
+from paligemma_jax import decode, image as image_lib, paths
 
 PROMPT = "paligemma> "
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
@@ -233,7 +233,9 @@ def main(make_pipeline: Callable, image_path: str, **session_kw) -> int:
   try:
     image_lib.load_image(image_path)
     decode.parse_sampler(session_kw.get("sampler", "greedy"))
-  except (image_lib.ImageError, ValueError) as e:
+    paths.check_outputs(output_dir=session_kw.get("output_dir"),
+                        vae_ckpt=session_kw.get("vae_ckpt"))
+  except (image_lib.ImageError, ValueError) as e:  # PathError is a ValueError
     print(f"error: {e}", file=sys.stderr)
     return 2
   t0 = time.perf_counter()

@@ -8,7 +8,9 @@ Nothing is lost: every finished result is appended as one line, flushed and fsyn
 killed at any point and started again with the same arguments truncates a half-written last
 line, skips the (image, prompt) pairs already in the output and does the rest, so the output
 ends with exactly one line per input. An input that cannot be used (missing, unreadable, empty,
-not an image, too many pixels) gets a line with "error" and the job goes on.
+not an image, too many pixels) gets a line with "error" and the job goes on; a rerun retries
+the inputs whose line is an error (a restored image, a failed generate call) and replaces
+those lines. A file that is not such an output is refused and never modified.
 
 Images are decoded and resized by a few threads while the device runs the current batch.
 """
@@ -18,13 +20,17 @@ import dataclasses
 import glob
 import json
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 from typing import Callable, Optional
 
 import numpy as np
 
 from paligemma_jax import image as image_lib
+from paligemma_jax import outputs, paths
 
 try:
   import fcntl
@@ -34,6 +40,7 @@ except ImportError:  # not POSIX: no lock against two jobs on one output
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm",
                     ".pgm", ".pbm", ".pnm", ".jfif", ".ico")
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
+GENERATE_FAILED = "generate failed: "
 
 
 class JobError(ValueError):
@@ -119,36 +126,97 @@ def collect_inputs(spec: str, prompt: str) -> list:
 # ---------------------------------------------------------------------------
 # The output file: repair on restart, one fsync'ed line per result.
 
-def read_done(path: str) -> list:
-  """Records already in `path` (an output of this module). Truncates a half-written last line.
+_RESULT_START = re.compile(rb'\{"index": \d+')
+_AFTER_INDEX = b', "image": "'
 
-  Only the last line can be partial: lines are written whole, in order, with O_APPEND. A
-  complete line that is not a JSON object stops the job rather than being dropped.
-  """
-  if not os.path.exists(path):
-    return []
-  with open(path, "r+b") as f:
+
+def _is_result(rec) -> bool:
+  """The shape of the lines `run_job` writes: index, image, prompt, and text or error."""
+  return (isinstance(rec, dict) and isinstance(rec.get("index"), int)
+          and isinstance(rec.get("image"), str) and isinstance(rec.get("prompt"), str)
+          and ("text" in rec or "error" in rec))
+
+
+def _torn_result(data: bytes) -> bool:
+  """Whether `data` (no newline) can be the start of a line `ResultWriter` writes."""
+  m = _RESULT_START.match(data)
+  if m is None:
+    return b'{"index": '.startswith(data)
+  rest = data[m.end():]
+  return rest.startswith(_AFTER_INDEX) or _AFTER_INDEX.startswith(rest)
+
+
+def _read_results(path: str) -> tuple:
+  """-> ([(record, line bytes)], bytes of a torn last line). Raises JobError, touching nothing,
+  unless every line is a result line of this program."""
+  with open(path, "rb") as f:
     data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-      f.truncate(end)
-      f.flush()
-      os.fsync(f.fileno())
-      print(f"note: {path}: removed a half-written last line ({len(data) - end} bytes)",
-            file=sys.stderr)
-  records = []
-  for n, line in enumerate(data[:end].split(b"\n")[:-1], 1):
-    if not line.strip():
-      continue
+  end = data.rfind(b"\n") + 1
+  lines = data[:end].split(b"\n")[:-1]
+  done = []
+  for n, line in enumerate(lines, 1):
     try:
       rec = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
       rec = None
-    if not isinstance(rec, dict) or "image" not in rec or "prompt" not in rec:
-      raise JobError(f"{path}:{n}: not a result line of this program; move the file away or "
-                     "fix that line")
-    records.append(rec)
-  return records
+    if not _is_result(rec):
+      raise JobError(_not_results(path, n, line))
+    done.append((rec, line + b"\n"))
+  if end < len(data) and not _torn_result(data[end:]):
+    raise JobError(_not_results(path, len(lines) + 1, data[end:]))
+  return done, data[end:]
+
+
+def _not_results(path, n, line: bytes) -> str:
+  shown = line[:60].decode("utf-8", "replace") + ("..." if len(line) > 60 else "")
+  return (f"{path} is not a results file of this program (line {n}: {shown!r}); it is left "
+          "untouched: choose another --output_jsonl")
+
+
+def read_done(path: str) -> list:
+  """Records already in `path` (an output of this module). Truncates a half-written last line.
+
+  The whole file is checked first: a file with any line this program would not write is
+  refused (JobError) and never modified. Only the last line can be partial (lines are written
+  whole, in order, with O_APPEND), and only the start of a result line is dropped.
+  """
+  return [rec for rec, _ in _read_done(path)]
+
+
+def _read_done(path: str) -> list:
+  """read_done's records with their lines: [(record, line bytes)]."""
+  if not os.path.exists(path):
+    return []
+  done, torn = _read_results(path)
+  if torn:
+    with open(path, "r+b") as f:
+      f.truncate(sum(len(line) for _, line in done))
+      f.flush()
+      os.fsync(f.fileno())
+    print(f"note: {path}: removed a half-written last line ({len(torn)} bytes)", file=sys.stderr)
+  return done
+
+
+def _retry_failed(done: list, todo: list) -> tuple:
+  """Inputs whose line is an error are done again -> (todo, the error records they replace).
+
+  An error from generate (maybe transient) is retried; one from reading the image only when
+  the image now opens (restored), so a still-broken input keeps its line and loads no model.
+  """
+  failed = collections.defaultdict(list)
+  for rec, _ in done:
+    if "error" in rec:
+      failed[(rec["image"], rec["prompt"])].append(rec)
+  kept, replaced = [], []
+  for item in todo:
+    old = failed[item.key].pop(0) if failed[item.key] else None
+    if old is not None and not old["error"].startswith(GENERATE_FAILED) \
+        and _open(item)[1] is not None:
+      continue  # still cannot be read: its error line stays
+    kept.append(item)
+    if old is not None:
+      replaced.append(old)
+  return kept, replaced
 
 
 def pending(items: list, records: list) -> list:
@@ -179,11 +247,45 @@ class ResultWriter:
         raise JobError(f"{path}: another job is writing this file") from None
 
   def write(self, record: dict):
-    data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    """Strict JSON: ValueError (nothing written) for a NaN or infinity in `record`."""
+    self._write_all(self.fd, (outputs.dumps_strict(record, ensure_ascii=False) + "\n")
+                    .encode("utf-8"))
+
+  @staticmethod
+  def _write_all(fd, data: bytes):
     view = memoryview(data)
     while view:
-      view = view[os.write(self.fd, view):]
-    os.fsync(self.fd)
+      view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+  def rewrite(self, lines: list):
+    """Replaces the file by `lines` (bytes, each ending in a newline), atomically: a locked
+    temporary file next to it, fsync'ed, then renamed over it. Later writes go to the new file."""
+    parent = os.path.dirname(os.path.abspath(self.path))
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=os.path.basename(self.path) + ".",
+                               suffix=".tmp")
+    os.close(fd)
+    fd = None
+    try:
+      fd = os.open(tmp, os.O_WRONLY | os.O_APPEND)
+      if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new, nobody else can hold it
+      shutil.copymode(self.path, tmp)
+      self._write_all(fd, b"".join(lines))
+      os.replace(tmp, self.path)
+    except BaseException:
+      if fd is not None:
+        os.close(fd)
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
+    dir_fd = os.open(parent, os.O_RDONLY)
+    try:
+      os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+      os.close(dir_fd)
+    os.close(self.fd)
+    self.fd = fd
 
   def close(self):
     if self.fd is not None:
@@ -227,7 +329,6 @@ def task_fields(text: str, prompt: str, image_hw, vae_params=None) -> Optional[d
   Each object: label, box [y1, x1, y2, x2] in pixels, box_normalized, and for a segment its
   16 seg_codes plus, when `vae_params` are given, its full-size mask as `mask_rle`.
   """
-  from paligemma_jax import outputs
   if outputs.task_of(prompt) is None:
     return None
   objects, skipped = outputs.parse_answer(text, image_hw)
@@ -264,22 +365,32 @@ class Decoded:
   error: Optional[str] = None
 
 
-def decode_item(item: Item, size: int, keep_picture: bool) -> Decoded:
-  """Never raises: a bad input comes back with `error` set."""
+def _open(item: Item) -> tuple:
+  """-> (PIL image, None) or (None, why it cannot be used). Never raises."""
   try:
     if os.path.isfile(item.path) and os.path.getsize(item.path) == 0:
-      return Decoded(item, error=f"{item.image}: empty file (0 bytes)")
-    img = image_lib.load_image(item.path)
-    # The resize runs here, off the device thread. preprocess() of an (S, S, 3) array resizes
-    # S -> S, which is exact (weights 0), so generate() sees the same pixels as from the file.
-    pixels = image_lib.resize_bilinear(np.asarray(img), size)
-    return Decoded(item, pixels, (img.height, img.width), img if keep_picture else None)
+      return None, f"{item.image}: empty file (0 bytes)"
+    return image_lib.load_image(item.path), None
   except image_lib.ImageError as e:
     msg = str(e)
     if item.path != item.image and msg.startswith(item.path):
       msg = item.image + msg[len(item.path):]
-    return Decoded(item, error=msg)
+    return None, msg
   except Exception as e:  # noqa: BLE001 -- one odd file must not stop the job
+    return None, f"{item.image}: {type(e).__name__}: {e}"
+
+
+def decode_item(item: Item, size: int, keep_picture: bool) -> Decoded:
+  """Never raises: a bad input comes back with `error` set."""
+  img, error = _open(item)
+  if error is not None:
+    return Decoded(item, error=error)
+  try:
+    # The resize runs here, off the device thread. preprocess() of an (S, S, 3) array resizes
+    # S -> S, which is exact (weights 0), so generate() sees the same pixels as from the file.
+    pixels = image_lib.resize_bilinear(np.asarray(img), size)
+    return Decoded(item, pixels, (img.height, img.width), img if keep_picture else None)
+  except Exception as e:  # noqa: BLE001
     return Decoded(item, error=f"{item.image}: {type(e).__name__}: {e}")
 
 
@@ -337,22 +448,31 @@ def run_job(make_pipeline: Callable, images: str, prompt: str, output_jsonl: str
     raise JobError(f"--batch_size must be >= 1, got {batch_size}")
   if not output_jsonl:
     raise JobError("--images needs --output_jsonl=PATH")
+  if paths.same_file(os.path.expanduser(images), output_jsonl):
+    raise JobError(f"--output_jsonl={output_jsonl} is the --images file: results would be "
+                   "mixed with the requests; write them to another file")
+  try:
+    paths.check_outputs(output_jsonl=output_jsonl, output_dir=output_dir, vae_ckpt=vae_ckpt)
+  except paths.PathError as e:
+    raise JobError(str(e)) from None
   items = collect_inputs(images, prompt)
   with ResultWriter(output_jsonl) as writer:  # locked before the file is read or repaired
-    todo = pending(items, read_done(output_jsonl))
+    done = _read_done(output_jsonl)
+    todo = pending(items, [rec for rec, _ in done if "error" not in rec])
+    todo, replaced = _retry_failed(done, todo)
     summary = dict(inputs=len(items), already_done=len(items) - len(todo), results=0, errors=0,
                    seconds=0.0, images_per_s=0.0, output_jsonl=output_jsonl)
     if not todo:
       log(f"nothing to do: all {len(items)} inputs already have a line in {output_jsonl}")
       return summary
-    if summary["already_done"]:
-      log(f"resuming: {summary['already_done']} of {len(items)} already done")
+    if summary["already_done"] or replaced:
+      log(f"resuming: {summary['already_done']} of {len(items)} already done"
+          + (f"; retrying {len(replaced)} that ended in an error" if replaced else ""))
     pipe = make_pipeline()
     try:
       sampler, forbidden_ids = pipe.check_decoding(sampler, forbidden_ids=forbidden_ids)
     except ValueError as e:
       raise JobError(str(e)) from None
-    from paligemma_jax import outputs
     vae_params = None
     if vae_ckpt and any(outputs.task_of(it.prompt) == "segment" for it in todo):
       from paligemma_jax import vqvae
@@ -360,6 +480,9 @@ def run_job(make_pipeline: Callable, images: str, prompt: str, output_jsonl: str
         vae_params = vqvae.load_vae(vae_ckpt)
       except (FileNotFoundError, ValueError) as e:
         raise JobError(str(e)) from None
+    if replaced:  # their error lines go; each gets a new line below
+      gone = {id(rec) for rec in replaced}
+      writer.rewrite([line for rec, line in done if id(rec) not in gone])
     size = pipe.config.image_size
 
     def decode(item):
@@ -370,7 +493,13 @@ def run_job(make_pipeline: Callable, images: str, prompt: str, output_jsonl: str
                disable=not progress, dynamic_ncols=True, smoothing=0.1)
 
     def emit(record, error=False):
-      writer.write(record)
+      try:
+        writer.write(record)
+      except ValueError as e:  # a NaN or infinity: not written as invalid JSON
+        record = dict(index=record["index"], image=record["image"], prompt=record["prompt"],
+                      error=f"result not written: {e}")
+        writer.write(record)
+        error = True
       summary["errors" if error else "results"] += 1
       bar.update(1)
       if summary["errors"]:
@@ -400,7 +529,7 @@ def run_job(make_pipeline: Callable, images: str, prompt: str, output_jsonl: str
               results.append((d, run([d])[0]))
             except Exception as e:  # noqa: BLE001
               emit(dict(index=d.item.index, image=d.item.image, prompt=d.item.prompt,
-                        error=f"generate failed: {type(e).__name__}: {e}"), error=True)
+                        error=f"{GENERATE_FAILED}{type(e).__name__}: {e}"), error=True)
         for d, r in results:
           emit(_result_record(d, r, output_dir, vae_params))
     bar.close()
@@ -422,7 +551,6 @@ def _result_record(d: Decoded, r, output_dir, vae_params) -> dict:
     if fields is not None:
       rec.update(fields)
       if output_dir:
-        from paligemma_jax import outputs
         stem = os.path.splitext(os.path.basename(item.image))[0] or "image"
         sub = os.path.join(output_dir, f"{item.index:06d}_{stem}")
         written = outputs.write_task_outputs(r.text, item.prompt, d.picture, sub,

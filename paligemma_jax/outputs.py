@@ -56,6 +56,50 @@ class Skipped:
   reason: str
 
 
+def _non_finite(obj, where=""):
+  """The path and value of the first NaN or infinity in a JSON-like tree, or None."""
+  if isinstance(obj, float) and not np.isfinite(obj):
+    return where or "the value", obj
+  items = obj.items() if isinstance(obj, dict) else (
+      enumerate(obj) if isinstance(obj, (list, tuple)) else ())
+  for k, v in items:
+    found = _non_finite(v, f"{where}[{k}]" if isinstance(k, int) else
+                        (f"{where}.{k}" if where else str(k)))
+    if found:
+      return found
+  return None
+
+
+def dumps_strict(obj, **kw) -> str:
+  """json.dumps that writes strict JSON: a NaN or infinity is a ValueError naming where."""
+  try:
+    return json.dumps(obj, allow_nan=False, **kw)
+  except ValueError:
+    found = _non_finite(obj)
+    if found is None:
+      raise
+    raise ValueError(f"{found[0]} is {found[1]}: not a finite number, which JSON cannot "
+                     "hold") from None
+
+
+def write_json(path, obj):
+  """Writes `obj` as strict, indented JSON to `path` atomically (a temporary file, renamed)."""
+  text = dumps_strict(obj, indent=2) + "\n"  # before anything is created
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = f"{path}.tmp"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.isfile(tmp):
+      os.remove(tmp)
+    raise
+
+
 def task_of(prompt):
   """'detect', 'segment' or None, from the first word of the prompt."""
   words = _LEADING_SPECIAL.sub("", prompt).split()
@@ -262,8 +306,7 @@ def write_task_outputs(text, prompt, image, output_dir, vae_params=None):
       entry["mask_png"] = os.path.join(output_dir, f"mask_{i:02d}.png")
       PIL.Image.fromarray(mask.astype(np.uint8) * 255).save(entry["mask_png"])
     result["objects"].append(entry)
-  with open(os.path.join(output_dir, "objects.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  write_json(os.path.join(output_dir, "objects.json"), result)
   annotated = os.path.join(output_dir, "annotated.png")
   draw_objects(image, objects, masks).save(annotated)
   return {**result, "annotated_png": annotated}

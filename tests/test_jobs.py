@@ -91,8 +91,10 @@ def test_read_done_truncates_a_torn_last_line_only(tmp_path):
   assert [r["image"] for r in records] == ["a.png"] and out.read_text() == good
   assert jobs.read_done(str(tmp_path / "missing.jsonl")) == []
   out.write_text(good + "garbage\n" + good)
-  with pytest.raises(jobs.JobError, match=r"out.jsonl:2: not a result line"):
+  with pytest.raises(jobs.JobError, match=r"out.jsonl is not a results file of this program "
+                     r"\(line 2: 'garbage'\)"):
     jobs.read_done(str(out))
+  assert out.read_text() == good + "garbage\n" + good
 
 
 def test_pending_counts_repeated_inputs():
