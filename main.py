@@ -5,7 +5,6 @@
 
 With no --ckpt it runs the embedded default: a tiny model with random weights.
 """
-import json
 import os
 import sys
 import time
@@ -13,16 +12,32 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
-    "Model/runtime settings (ml_collections); override fields with --config.NAME=VALUE.")
-_CKPT = flags.DEFINE_string("ckpt", None, "big_vision PaliGemma .npz or Orbax directory; none = "
-                            "embedded tiny demo.")
+
+def _innermost_message(e: BaseException) -> str:
+  while e.args and isinstance(e.args[0], BaseException):  # ml_collections wraps its KeyError
+    e = e.args[0]
+  return "; ".join(l.strip() for l in str(e.args[0] if e.args else e).splitlines() if l.strip())
+
+
+try:  # --config.NAME=VALUE overrides are parsed here, as the flag is defined
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
+      "Model/runtime settings (ml_collections); override fields with --config.NAME=VALUE.")
+except (AttributeError, KeyError, TypeError, ValueError) as e:
+  unknown = "no such field " if isinstance(e, (AttributeError, KeyError)) else ""
+  print(f"error: --config: {unknown}{_innermost_message(e).replace('Did you', 'did you')}",
+        file=sys.stderr)
+  sys.exit(2)
+_CKPT = flags.DEFINE_string("ckpt", None, "big_vision PaliGemma .npz, Orbax directory or "
+                            "transformers PaliGemma directory; none = embedded tiny demo.")
 _IMG_CKPT = flags.DEFINE_string(
     "img_ckpt", None, "With --ckpt=GEMMA_ORBAX_DIR (a Gemma release): the big_vision .npz whose "
     "img/... (vision tower) completes the model, as big_vision's model_init combines them.")
 _SAVE_ORBAX = flags.DEFINE_string("save_orbax", None,
                                   "Write the loaded model to this new Orbax checkpoint directory.")
+_SAVE_HF = flags.DEFINE_string(
+    "save_hf", None, "Write the loaded model to this new directory as a transformers PaliGemma "
+    "(config.json, safetensors shards, the tokenizer).")
 _ORBAX_UNMARKED_OK = flags.DEFINE_bool(
     "orbax_unmarked_ok", False, "Accept an Orbax directory without commit_success.txt (written "
     "by orbax before 2024); otherwise it is refused as a possibly interrupted save.")
@@ -130,7 +145,8 @@ def _pipeline(cfg):
             max_seq_len=cfg.max_seq_len)
   kw["mesh"] = mesh
   if _CKPT.value:
-    if not _TOKENIZER.value:
+    from paligemma_jax import hf_checkpoint  # its directories may hold tokenizer.model
+    if not _TOKENIZER.value and (_IMG_CKPT.value or not hf_checkpoint.is_hf_dir(_CKPT.value)):
       _fail("--ckpt needs --tokenizer=PATH (paligemma_tokenizer.model)")
     overrides = {k: v for k, v in cfg.model.items() if v is not None}
     unmarked_ok = _ORBAX_UNMARKED_OK.value
@@ -158,6 +174,15 @@ def _pipeline(cfg):
   pipe = PaliGemmaPipeline(config, params, tokenizer, load_s=time.perf_counter() - t0, **kw)
   return pipe, ("embedded default: a tiny PaliGemma-2-like model with RANDOM weights; "
                 "its answer is noise. Pass --ckpt and --tokenizer for a real model.")
+
+
+def _check_paths(**kw):
+  """Every path the run will write, and the VAE file, checked before anything loads."""
+  from paligemma_jax import paths
+  try:
+    paths.check_outputs(**kw)
+  except paths.PathError as e:
+    _fail(str(e))
 
 
 def _write_task_outputs(text, prompt, img, vae_ckpt, output_dir):
@@ -217,14 +242,25 @@ def main(argv):
     prompt = _PROMPT.value if _PROMPT.value != "caption en" else "detect"
     if "<seg" in _ANSWER.value:
       prompt = "segment"
+    _check_paths(output_dir=_OUTPUT_DIR.value, vae_ckpt=_VAE_CKPT.value)
     _write_task_outputs(_ANSWER.value, prompt, img, _VAE_CKPT.value, _OUTPUT_DIR.value)
     return
 
   forbidden = _check_flags(cfg)
+  _check_paths(output_json=_OUTPUT_JSON.value, output_dir=_OUTPUT_DIR.value,
+               save_orbax=_SAVE_ORBAX.value, vae_ckpt=_VAE_CKPT.value)
   _setup_jax(cfg)
   pipe, note = _pipeline(cfg)
   if note:
     print(f"note: {note}")
+  if _SAVE_HF.value:  # every process calls it (multi-host: gathered, process 0 writes)
+    from paligemma_jax import hf_checkpoint
+    try:
+      written = hf_checkpoint.save_hf(_SAVE_HF.value, pipe.params, pipe.config,
+                                      pipe.tokenizer.path)
+      print(f"wrote {written}")
+    except (ValueError, OSError) as e:
+      _fail(str(e))
   if _SAVE_ORBAX.value:  # every process calls it (each writes its own shards)
     from paligemma_jax import orbax_io
     try:
@@ -265,11 +301,11 @@ def main(argv):
     if written:
       record["objects"] = written.get("objects")
   if _OUTPUT_JSON.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT_JSON.value)), exist_ok=True)
-    tmp = _OUTPUT_JSON.value + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(record, f, indent=2)
-    os.replace(tmp, _OUTPUT_JSON.value)
+    from paligemma_jax import outputs
+    try:
+      outputs.write_json(_OUTPUT_JSON.value, record)
+    except (ValueError, OSError) as e:  # ValueError: a NaN or infinity, which JSON cannot hold
+      _fail(f"{_OUTPUT_JSON.value}: not written: {e}")
     print(f"wrote {_OUTPUT_JSON.value}")
 
 

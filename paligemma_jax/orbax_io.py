@@ -16,6 +16,7 @@
 import glob
 import os
 import re
+import threading
 from typing import Mapping, Optional
 
 import jax
@@ -79,6 +80,9 @@ def check_committed(path, require_commit_marker: bool = True) -> str:
 
 def _tree_metadata(path: str):
   """The checkpoint's tree of ArrayMetadata (shape, dtype), read without any array data."""
+  missing = _missing_manifest(path)
+  if missing:  # refused here: Orbax's reads would fail in its background threads
+    raise CheckpointError(f"{path}: damaged Orbax checkpoint: {missing}")
   ocp = _ocp()
   try:
     meta = ocp.PyTreeCheckpointer().metadata(path)
@@ -101,9 +105,41 @@ def _restore(path: str, restore_args_flat: Mapping[tuple, object]):
   """Restores exactly the leaves of `restore_args_flat` (tree path -> ArrayRestoreArgs)."""
   ocp = _ocp()
   restore_args = traverse_util.unflatten_dict(dict(restore_args_flat))
-  with ocp.PyTreeCheckpointer() as ckptr:
-    tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  except Exception as e:  # tensorstore's errors, often in an ExceptionGroup
+    raise CheckpointError(f"{path}: {_read_failure(e)}") from e
   return traverse_util.flatten_dict(tree)
+
+
+_TS_READ = re.compile(r'Error reading "([^"]+?)(?:/[\d.]*)?" in [^:]*: (.*)')
+
+
+def _read_failure(error: BaseException) -> str:
+  """One line: the array tensorstore could not read and why, from an error or its causes."""
+  seen, todo, first = set(), [error], None
+  while todo:
+    e = todo.pop(0)
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    m = _TS_READ.search(str(e))
+    if m:
+      return (f"damaged Orbax checkpoint: cannot read array '{m.group(1).replace('.', '/')}' "
+              f"({m.group(2).strip()})")
+    if first is None and str(e):
+      first = str(e).splitlines()[0]
+    todo += list(getattr(e, "exceptions", ())) + [e.__cause__, e.__context__]
+  return f"Orbax restore failed ({type(error).__name__}: {first})"
+
+
+def _missing_manifest(path: str) -> str:
+  """'' or why an OCDBT checkpoint (arrays in ocdbt.process_*/) cannot be read."""
+  if glob.glob(os.path.join(glob.escape(path), "ocdbt.process_*")) and \
+      not os.path.exists(os.path.join(path, "manifest.ocdbt")):
+    return "its 'manifest.ocdbt' (the index of ocdbt.process_*/) is missing"
+  return ""
 
 
 def _target(mesh, key: str, shape) -> jax.sharding.Sharding:
@@ -122,14 +158,42 @@ def save(path, params, *, overwrite: bool = False) -> str:
   Atomic: orbax writes a temporary directory, commits it (`commit_success.txt`), then renames
   it to `path`. Every process must call it (multi-host: each writes its own shards).
   """
+  from paligemma_jax import paths
   ocp = _ocp()
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and not overwrite:
     raise CheckpointError(f"{path}: already exists; choose a new directory (or overwrite=True)")
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, paligemma.stacked(params), force=overwrite)
-    ckptr.wait_until_finished()
+  try:
+    if not overwrite:
+      paths.check_new_dir(path, None)
+  except paths.PathError as e:
+    raise CheckpointError(str(e)) from None
+  before = set(threading.enumerate())
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(path, paligemma.stacked(params), force=overwrite)
+      ckptr.wait_until_finished()
+  except Exception as e:
+    _release_waiting_threads(before)
+    raise CheckpointError(f"{path}: the Orbax save failed ({type(e).__name__}: {e})") from e
   return path
+
+
+def _release_waiting_threads(before):
+  """After a failed save, Orbax's commit threads still wait for signals that never come
+  (`blocking_key_value_get`, for hours) and keep the interpreter from exiting: cancel them and
+  send the signals they wait for, so that they return."""
+  try:  # Orbax internals (0.12): tests/test_bad_input_cli.py fails if they change
+    from orbax.checkpoint._src.futures import future
+    for t in set(threading.enumerate()) - before:
+      if isinstance(t, future._SignalingThread) and t.is_alive():  # noqa: SLF001
+        t.cancel()
+        future.set_signals(t._receive_signals, operation_id=t._operation_id)  # noqa: SLF001
+    for t in set(threading.enumerate()) - before:
+      if isinstance(t, future._SignalingThread):  # noqa: SLF001
+        threading.Thread.join(t, timeout=10)
+  except (ImportError, AttributeError):  # the save's own error matters more
+    pass
 
 
 def load_orbax(path, dtype=jnp.float32, overrides: Optional[Mapping] = None, mesh=None,
@@ -156,7 +220,11 @@ def load_orbax(path, dtype=jnp.float32, overrides: Optional[Mapping] = None, mes
 
 def load(path, dtype=jnp.float32, overrides: Optional[Mapping] = None, mesh=None,
          require_commit_marker: bool = True) -> Loaded:
-  """`.npz` file or Orbax directory -> Loaded (on `mesh` when given, already sharded)."""
+  """`.npz` file, Orbax directory or transformers directory -> Loaded (on `mesh` when given,
+  already sharded)."""
+  from paligemma_jax import hf_checkpoint
+  if hf_checkpoint.is_hf_dir(path):
+    return hf_checkpoint.load_hf(path, dtype, overrides, mesh=mesh)
   if is_orbax_path(path):
     return load_orbax(path, dtype, overrides, mesh, require_commit_marker)
   if mesh is not None:
@@ -262,14 +330,7 @@ def load_gemma_orbax(gemma_path, img_npz, dtype=jnp.float32,
   llm_shapes.update({f"llm/{name}": tuple(m.shape) for name, (_, m) in top.items()})
   llm_shapes["llm/embedder/input_embedding"] = (vocab, width)
 
-  img = {}
-  for key, array in checkpoint.iter_npz(os.fspath(img_npz)):
-    key = checkpoint.strip_prefix(key)
-    if key.startswith("img/"):
-      if array.dtype not in checkpoint.ACCEPTED_DTYPES:
-        raise CheckpointError(f"{img_npz}: key '{key}' has dtype {array.dtype}; expected "
-                              "float32, float16 or bfloat16")
-      img[key] = array
+  img = checkpoint.npz_index(img_npz, keep=lambda key: key.startswith("img/"))
   if not img:
     raise CheckpointError(f"{img_npz}: no 'img/...' arrays (the vision tower)")
   shapes = dict(llm_shapes, **{k: a.shape for k, a in img.items()})
@@ -328,7 +389,7 @@ def load_gemma_orbax(gemma_path, img_npz, dtype=jnp.float32,
         out_shardings=emb.sharding, donate_argnums=0)
     flat["llm/embedder/input_embedding"] = fill(emb, jax.random.PRNGKey(seed))
 
-  for key in sorted(img):
-    flat[key] = sharding.place_host_array(img.pop(key), final_sharding(key, shapes[key]), dtype)
+  flat.update(checkpoint.read_npz(img_npz, img, lambda key, host: sharding.place_host_array(
+      host, final_sharding(key, shapes[key]), dtype)))
   return Loaded(config, traverse_util.unflatten_dict(flat, sep="/"), where)
 

@@ -30,6 +30,40 @@ def as_dtype(name, field: str = "dtype"):
   return DTYPES[name]
 
 
+class NonFiniteError(ValueError):
+  """The model computed NaN or infinite logits: damaged weights, or a float16 overflow."""
+
+
+def check_integer(value, name: str, minimum: int, hint: str = "") -> int:
+  """value as an int; ValueError unless it is an integer (not a bool) >= minimum."""
+  if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+    raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}{hint}, got {value}")
+  return int(value)
+
+
+def check_inputs(images, prompts, answer_start=None):
+  """ValueError unless images and prompts are equally long, non-empty lists (one image and
+  one string per row) and answer_start is None or a string. The images themselves are
+  checked by `image.as_rgb_array`."""
+  for name, value in (("images", images), ("prompts", prompts)):
+    listed = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+    if not (listed or name == "images" and isinstance(value, np.ndarray) and value.ndim == 4):
+      shown = f" {value!r}" if isinstance(value, (str, bytes)) else ""
+      raise ValueError(f"{name} must be a list, one per row; got {type(value).__name__}{shown}")
+  if not len(images) or not len(prompts):
+    raise ValueError(f"no images or no prompts ({len(images)} images, {len(prompts)} prompts): "
+                     "generate needs at least one (image, prompt) pair")
+  if len(images) != len(prompts):
+    raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+  for i, p in enumerate(prompts):
+    if not isinstance(p, str):
+      raise ValueError(f"prompt {i} must be a string, got {type(p).__name__} {p!r}")
+  if answer_start is not None and not isinstance(answer_start, str):
+    raise ValueError(f"answer_start must be a string or None, got {type(answer_start).__name__}")
+
+
 def check_decoding_options(sampler="greedy", *, beam_size: int = 0, best_of_n: int = 1,
                            stream: bool = False, forbidden_ids=()):
   """The checks of a decoding request that need no model -> (Sampler, sorted forbidden ids).
@@ -38,10 +72,11 @@ def check_decoding_options(sampler="greedy", *, beam_size: int = 0, best_of_n: i
   """
   if isinstance(sampler, str):
     sampler = decode.parse_sampler(sampler)
-  if beam_size < 0:
-    raise ValueError(f"beam_size must be >= 0 (0: sample, N: N beams), got {beam_size}")
-  if best_of_n < 1:
-    raise ValueError(f"best_of_n must be >= 1, got {best_of_n}")
+  elif not isinstance(sampler, decode.Sampler):
+    raise ValueError(f"sampler must be a string such as 'greedy' or 'nucleus(0.9)', or a "
+                     f"decode.Sampler; got {sampler!r}")
+  beam_size = check_integer(beam_size, "beam_size", 0, " (0: sample, N: N beams)")
+  best_of_n = check_integer(best_of_n, "best_of_n", 1)
   if beam_size and best_of_n > 1:
     raise ValueError(f"beam search (beam_size={beam_size}) does not combine with best_of_n="
                      f"{best_of_n}: beams are already ranked by log-probability; drop one of them")
@@ -110,17 +145,22 @@ class PaliGemmaPipeline:
 
   @classmethod
   def from_files(cls, ckpt: str, tokenizer: str, *, dtype="float32", overrides=None, **kw):
-    """ckpt: a big_vision `.npz` or an Orbax checkpoint directory (see `orbax_io.load`);
-    with `mesh=` each array is placed on the mesh already sharded.
+    """ckpt: a big_vision `.npz`, an Orbax checkpoint directory (see `orbax_io.load`) or a
+    transformers PaliGemma directory (`hf_checkpoint.load_hf`; tokenizer=None takes its
+    `tokenizer.model`); with `mesh=` each array is placed on the mesh already sharded.
 
     An `.npz` on one device goes straight into the inference tree, layer by layer off the
     memory map; otherwise each stacked array is split after loading (one extra array alive
     at a time)."""
-    from paligemma_jax import orbax_io
+    from paligemma_jax import hf_checkpoint, orbax_io
     t0 = time.perf_counter()
     one_device = kw.get("mesh") is None
     require_commit_marker = kw.pop("require_commit_marker", True)
-    if one_device and not orbax_io.is_orbax_path(ckpt):  # split layer by layer off the mmap
+    tokenizer = tokenizer or hf_checkpoint.tokenizer_file(ckpt)  # an HF directory's own
+    if one_device and hf_checkpoint.is_hf_dir(ckpt):  # mapped and split layer by layer as read
+      loaded = hf_checkpoint.load_hf(ckpt, dtype=as_dtype(dtype), overrides=overrides,
+                                     unstack=True, out_major=True)
+    elif one_device and not orbax_io.is_orbax_path(ckpt):  # split layer by layer off the mmap
       loaded = checkpoint.load_npz(ckpt, dtype=as_dtype(dtype), overrides=overrides,
                                    unstack=True, out_major=True)
     else:
@@ -141,8 +181,7 @@ class PaliGemmaPipeline:
 
   def make_batch(self, images: Sequence, prompts: Sequence[str], answer_start=None):
     """-> dict of host arrays: images (B,S,S,3), text/input_mask/mask_ar (B,T_bucket)."""
-    if len(images) != len(prompts):
-      raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    check_inputs(images, prompts, answer_start)
     size = self.config.image_size
     pixels = np.stack([image_lib.preprocess(im, size) for im in images])
     rows = [self.tokenizer.prompt(p, answer_start) for p in prompts]
@@ -164,8 +203,7 @@ class PaliGemmaPipeline:
     The cache holds the image tokens, the longest prompt padded to its bucket (the width
     that is compiled) and max_decode_len slots.
     """
-    if max_decode_len < 1:
-      raise ValueError(f"max_decode_len must be >= 1, got {max_decode_len}")
+    check_integer(max_decode_len, "max_decode_len", 1)
     padded = self.padded_length(prompt_tokens)
     total = self.config.num_image_tokens + padded + max_decode_len
     if self.max_seq_len and total > self.max_seq_len:
@@ -200,6 +238,19 @@ class PaliGemmaPipeline:
     if beam_size > allowed:
       raise ValueError(f"beam_size={beam_size} exceeds {where}")
     return sampler, forbidden
+
+  def _check_finite(self, logprobs, ends, prompts, n):
+    """NonFiniteError if a generated token's log-probability (up to `ends`, eos included) is
+    NaN or inf: NaN or inf logits, which answer garbage (an empty string) rather than fail."""
+    bad = ~np.isfinite(logprobs) & (np.arange(logprobs.shape[1]) < ends[:, None])
+    if bad.any():
+      row, step = np.argwhere(bad)[0]
+      overflow = (" or the activations overflowed float16 (try dtype='bfloat16')"
+                  if self.dtype == jnp.float16 else "")
+      raise NonFiniteError(
+          f"the model's logits are not finite: the log-probability of generated token {step} "
+          f"for row {row // n} (prompt {prompts[row // n]!r}) is {logprobs[row, step]}; the "
+          f"weights are likely damaged (NaN or inf in the checkpoint){overflow}")
 
   def _functions(self, batch: int, width: int, max_decode_len: int, strategy: tuple,
                  forbidden_ids: tuple, stream=None):
@@ -242,7 +293,10 @@ class PaliGemmaPipeline:
                sampler="greedy", seed: int = 0, answer_start: Optional[str] = None,
                forbidden_ids: Sequence[int] = (), beam_size: int = 0, best_of_n: int = 1,
                on_token: Optional[Callable[[np.ndarray, np.ndarray], None]] = None) -> list:
-    """Images (PIL or uint8 (H,W,3)) and prompts, one per row -> one Generation per row.
+    """Images and prompts, one per row -> one Generation per row.
+
+    images: paths, PIL images, uint8 (H, W, 3) arrays or float arrays in [0, 1] (see
+    `image.as_rgb_array`: each gives the pixels `image.load_image` gives from a file).
 
     sampler: "greedy", "temperature(t)", "topk(k, t)", "nucleus(p, t)" (or a Sampler); the
     arguments may be named as big_vision names them: "nucleus(p=0.9, t=0.7)".
@@ -256,11 +310,11 @@ class PaliGemmaPipeline:
     (streaming; one host round trip per token, so only when asked).
     Bad options and requests that do not fit raise ValueError before anything compiles.
     """
+    check_inputs(images, prompts, answer_start)
     sampler, forbidden = self.check_decoding(
         sampler, beam_size=beam_size, best_of_n=best_of_n, stream=on_token is not None,
         forbidden_ids=forbidden_ids)
-    if len(images) != len(prompts):
-      raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    rng = decode.seed_key(seed)
     longest = max(len(self.tokenizer.prompt(p, answer_start)[0]) for p in prompts)
     self.check_request(longest, max_decode_len)
     n = best_of_n
@@ -281,13 +335,14 @@ class PaliGemmaPipeline:
       state = _block(dec(self.params, logits, cache, cache_valid, last))
       tokens, logprobs, _ = beam_search.best_beam(state)
     else:
-      state = _block(dec(self.params, logits, cache, cache_valid, last, jax.random.PRNGKey(seed)))
+      state = _block(dec(self.params, logits, cache, cache_valid, last, rng))
       tokens, logprobs = state.tokens, state.logprobs
     t2 = time.perf_counter()
     tokens, logprobs = sharding.to_host(tokens), sharding.to_host(logprobs)
     lengths = np.asarray(decode.answer_lengths(tokens, self.tokenizer.eos_id))
+    ends = np.minimum(lengths + 1, tokens.shape[1])
+    self._check_finite(logprobs, ends, prompts, n)
     if n > 1:  # keep, per prompt, the sample with the highest log-probability up to eos
-      ends = np.minimum(lengths + 1, tokens.shape[1])
       totals = np.array([logprobs[i, :ends[i]].sum() for i in range(b)]).reshape(-1, n)
       keep = np.arange(len(prompts)) * n + totals.argmax(1)
       tokens, logprobs, lengths = tokens[keep], logprobs[keep], lengths[keep]
