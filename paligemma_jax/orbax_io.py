@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from paligemma_jax import checkpoint, paligemma, sharding
+from paligemma_jax import checkpoint, sharding
+from paligemma_jax.model import layouts, paligemma
 from paligemma_jax.checkpoint import CheckpointError, Loaded
 
 COMMIT_MARKER = "commit_success.txt"   # orbax's atomicity_types.COMMIT_SUCCESS_FILE
@@ -127,7 +128,7 @@ def save(path, params, *, overwrite: bool = False) -> str:
   if os.path.exists(path) and not overwrite:
     raise CheckpointError(f"{path}: already exists; choose a new directory (or overwrite=True)")
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, paligemma.stacked(params), force=overwrite)
+    ckptr.save(path, layouts.stacked(params), force=overwrite)
     ckptr.wait_until_finished()
   return path
 

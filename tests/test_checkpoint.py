@@ -12,7 +12,8 @@ from flax import traverse_util
 
 from tests import bv_fixtures
 from tests.conftest import SPEC_NAMES, spec_config, spec_overrides
-from paligemma_jax import checkpoint, paligemma
+from paligemma_jax import checkpoint
+from paligemma_jax.model import paligemma
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
