@@ -133,7 +133,8 @@ def _setup_jax(cfg):
 
 def _pipeline(cfg):
   """-> (pipeline, note). Loads the checkpoint, or builds the embedded default."""
-  from paligemma_jax import checkpoint, demo, paligemma
+  from paligemma_jax import checkpoint, demo
+  from paligemma_jax.model import paligemma
   from paligemma_jax.pipeline import PaliGemmaPipeline, as_dtype
   from paligemma_jax.tokenizer import Tokenizer
   from paligemma_jax import orbax_io, sharding
@@ -186,7 +187,8 @@ def _check_paths(**kw):
 
 
 def _write_task_outputs(text, prompt, img, vae_ckpt, output_dir):
-  from paligemma_jax import outputs, vqvae
+  from paligemma_jax import outputs
+  from paligemma_jax.model import vqvae
   if outputs.task_of(prompt) is None:
     return None
   vae_params = vqvae.load_vae(vae_ckpt) if vae_ckpt else None

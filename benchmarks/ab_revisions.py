@@ -8,12 +8,14 @@ On a shared machine the speed moves by tens of percent from minute to minute, so
 `git archive` under another name (`paligemma_jax_base`), both are built from the same random
 weights, and their compiled prefill and decode run alternately (the order flips every pair).
 Reported: medians, and the median and quartiles of the per-pair ratio working tree / base.
-The base must accept the calls below (PaliGemma(config, dtype, scan_layers, out_major),
-paligemma.unstacked, decode.jit_prefill / jit_decode): any revision since the out-major layout.
+The base must accept the calls in `build`: any revision since the out-major layout (session 4),
+with the model's out_major flag or with model/ and backends/ (session 8 on).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import importlib.util
 import os
 import re
@@ -36,15 +38,16 @@ def export_base(rev: str, into: str) -> str:
   subprocess.run(["tar", "-x", "-C", into], input=tar, check=True)
   pkg = os.path.join(into, BASE_NAME)
   os.rename(os.path.join(into, "paligemma_jax"), pkg)
-  for name in os.listdir(pkg):
-    if name.endswith(".py"):
-      path = os.path.join(pkg, name)
-      with open(path) as f:
-        text = re.sub(r"\bpaligemma_jax\b", BASE_NAME, f.read())
-        # Its own FFI target names for the CPU kernels: a second registration of one name fails.
-        text = text.replace('"paligemma_bf16_', '"paligemma_base_bf16_')
-      with open(path, "w") as f:
-        f.write(text)
+  for folder, _, names in os.walk(pkg):
+    for name in names:
+      if name.endswith(".py"):
+        path = os.path.join(folder, name)
+        with open(path) as f:
+          text = re.sub(r"\bpaligemma_jax\b", BASE_NAME, f.read())
+          # Its own FFI target names for the CPU kernels: a second registration of one name fails.
+          text = text.replace('"paligemma_bf16_', '"paligemma_base_bf16_')
+        with open(path, "w") as f:
+          f.write(text)
   return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", rev], check=True,
                         capture_output=True, text=True).stdout.strip()
 
@@ -59,22 +62,40 @@ def _import_base(into: str):
   spec.loader.exec_module(module)
 
 
-def build(pkg, config, params, dtype, text_len, max_decode_len):
-  """-> (prefill, decode, params) compiled for one revision's package."""
+def build(pkg: str, config, params, dtype, text_len, max_decode_len):
+  """-> (prefill, decode, params) of one revision's package `pkg`, each traced and run under
+  that revision's one-device speed path: `backends.select` (model/ and backends/ since
+  session 8), else the model's own out_major flag (sessions 4-7)."""
   import jax
-  paligemma, decode = pkg
+  new = importlib.util.find_spec(f"{pkg}.backends") is not None
+  decode = importlib.import_module(f"{pkg}.decode")
+  paligemma = importlib.import_module(f"{pkg}.model.paligemma" if new else f"{pkg}.paligemma")
   cfg = paligemma.PaliGemmaConfig(vit=paligemma.vit_lib.ViTConfig(**vars(config.vit)),
                                   llm=paligemma.gemma_lib.GemmaConfig(**vars(config.llm)))
-  tree = paligemma.unstacked(jax.tree_util.tree_map(lambda x: x.astype(dtype), params),
-                             out_major=True)
-  model = paligemma.PaliGemma(cfg, dtype, scan_layers=False, out_major=True)
+  params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+  if new:
+    layouts = importlib.import_module(f"{pkg}.model.layouts")
+    install = importlib.import_module(f"{pkg}.backends").select(
+        bfloat16=dtype == jax.numpy.bfloat16).install
+    tree = layouts.unstacked(params, out_major=True)
+    model = paligemma.PaliGemma(cfg, dtype, scan_layers=False)
+  else:
+    install = contextlib.nullcontext
+    tree = paligemma.unstacked(params, out_major=True)
+    model = paligemma.PaliGemma(cfg, dtype, scan_layers=False, out_major=True)
   prompt_len = config.num_image_tokens + text_len
   prefill = decode.jit_prefill(model, cache_size=prompt_len + max_decode_len,
                                cache_dtype=dtype)
   # Greedy, eos (id 1) forbidden: exactly max_decode_len tokens, as benchmarks/decode.py.
   dec = decode.jit_decode(model, prompt_len=prompt_len, max_decode_len=max_decode_len,
                           sampler=decode.Sampler(), eos_id=1, pad_id=0, forbidden_ids=(1,))
-  return prefill, dec, tree
+
+  def under(fn):
+    def run(*args):
+      with install():
+        return fn(*args)
+    return run
+  return under(prefill), under(dec), tree
 
 
 def main():
@@ -93,10 +114,9 @@ def main():
   _import_base(tmp)
   import jax
   import jax.numpy as jnp
-  import importlib
   from tests.specs import spec_config
   from benchmarks import decode as bench  # (benchmarks/decode.py: the presets)
-  from paligemma_jax import decode, paligemma
+  from paligemma_jax.model import paligemma
 
   spec = bench.PRESETS[args.preset]
   config = spec_config(spec)
@@ -107,10 +127,9 @@ def main():
   images = jnp.asarray(rng.uniform(-1, 1, (b, s, s, 3)).astype(np.float32))
   text = jnp.asarray(rng.integers(3, spec["vocab"], (b, t)).astype(np.int32))
   mask, mask_ar = jnp.ones((b, t), bool), jnp.zeros((b, t), jnp.int32)
-  base_pkg = tuple(importlib.import_module(f"{BASE_NAME}.{m}") for m in ("paligemma", "decode"))
   dtype = jnp.dtype(args.dtype)
-  sides = {f"base {rev}": build(base_pkg, config, params, dtype, t, n),
-           "working tree": build((paligemma, decode), config, params, dtype, t, n)}
+  sides = {f"base {rev}": build(BASE_NAME, config, params, dtype, t, n),
+           "working tree": build("paligemma_jax", config, params, dtype, t, n)}
 
   def run(side):
     prefill, dec, tree = side

@@ -22,7 +22,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from paligemma_jax import demo, gemma, jobs, paligemma, vit  # noqa: E402
+from paligemma_jax import demo, jobs  # noqa: E402
+from paligemma_jax.model import gemma, paligemma, vit  # noqa: E402
 from paligemma_jax.image import load_image  # noqa: E402
 from paligemma_jax.pipeline import PaliGemmaPipeline  # noqa: E402
 from paligemma_jax.tokenizer import Tokenizer, train_tiny_tokenizer  # noqa: E402

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""bfloat16 prefill on the CPU: the GEMM kernel (`cpu_matvec.gemm`) against XLA's own dots.
+"""bfloat16 prefill on the CPU: the GEMM kernel (`cpu_kernels.gemm`) against XLA's own dots.
 
     python -m benchmarks.bf16_prefill --preset=3b --pairs=4
 
 `ab_revisions.py` builds two parameter trees, which does not fit for 3b beside XLA's float32
 copies in 23 GiB. Here one tree serves both prefills: one compiled as the pipeline compiles it,
-one compiled while `cpu_matvec.available()` answers False (XLA widens every bfloat16 weight).
+one compiled while `cpu_kernels.available()` answers False (XLA widens every bfloat16 weight).
 Reported: their logits' agreement, each side's peak resident memory after its first run, the
 medians and the per-pair time ratio kernel / XLA (order flipped every pair).
 """
@@ -23,7 +23,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import decode as bench  # (benchmarks/decode.py: presets, lean 3b weights)
-from paligemma_jax import cpu_matvec, decode, paligemma  # noqa: E402
+from paligemma_jax import decode  # noqa: E402
+from paligemma_jax.model import layouts, paligemma  # noqa: E402
+from paligemma_jax.backends import cpu, cpu_kernels  # noqa: E402
 from tests.specs import spec_config  # noqa: E402
 
 
@@ -37,12 +39,12 @@ def main():
   ap.add_argument("--preset", default="small", choices=sorted(bench.PRESETS))
   ap.add_argument("--pairs", type=int, default=6)
   args = ap.parse_args()
-  if jax.default_backend() != "cpu" or not cpu_matvec.available():
+  if jax.default_backend() != "cpu" or not cpu_kernels.available():
     sys.exit("needs the CPU backend and the cpu_matvec kernel")
   spec = bench.PRESETS[args.preset]
   config = spec_config(spec)
-  tree = paligemma.unstacked(bench.init_params_lean(config, jnp.bfloat16), out_major=True)
-  model = paligemma.PaliGemma(config, jnp.bfloat16, scan_layers=False, out_major=True)
+  tree = layouts.unstacked(bench.init_params_lean(config, jnp.bfloat16), out_major=True)
+  model = paligemma.PaliGemma(config, jnp.bfloat16, scan_layers=False)
   rng = np.random.default_rng(1)
   s, t = config.image_size, 16
   inputs = (jnp.asarray(rng.uniform(-1, 1, (1, s, s, 3)).astype(np.float32)),
@@ -52,17 +54,18 @@ def main():
 
   def compiled():
     fn = decode.jit_prefill(model, cache_size=cache, cache_dtype=jnp.bfloat16)
-    return fn.lower(tree, *inputs).compile()
+    with cpu.install():
+      return fn.lower(tree, *inputs).compile()
 
   sides = {"kernel": compiled()}
-  available = cpu_matvec.available
-  cpu_matvec.available = lambda: False
+  available = cpu_kernels.available
+  cpu_kernels.available = lambda: False
   try:
     sides["xla"] = compiled()
   finally:
-    cpu_matvec.available = available
-  assert cpu_matvec.GEMM_TARGET in sides["kernel"].as_text()
-  assert cpu_matvec.GEMM_TARGET not in sides["xla"].as_text()
+    cpu_kernels.available = available
+  assert cpu_kernels.GEMM_TARGET in sides["kernel"].as_text()
+  assert cpu_kernels.GEMM_TARGET not in sides["xla"].as_text()
 
   logits = {}
   for name, fn in sides.items():  # the kernel first: XLA's copies would raise its peak

@@ -14,6 +14,7 @@ See benchmarks/README.md for what each number means.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -26,12 +27,14 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import traverse_util  # noqa: E402
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
 
 from benchmarks import roofline
-from paligemma_jax import cpu_matvec, decode, paligemma  # noqa: E402
+from paligemma_jax import backends, decode
+from paligemma_jax.model import layouts, paligemma
+from paligemma_jax.backends import cpu_kernels
 from tests.specs import spec_config  # noqa: E402 (tests/specs.py)
 
 EOS, PAD, BOS = 1, 0, 2
@@ -84,7 +87,7 @@ def memory_needed(spec, dtype, hf_dtype) -> int:
   transient of building them."""
   n = param_count(spec)
   resident = n * ITEMSIZE[dtype] + (n * ITEMSIZE[hf_dtype] if hf_dtype else 0)
-  if dtype == "bfloat16" and not cpu_matvec.available():
+  if dtype == "bfloat16" and not cpu_kernels.available():
     # Without the CPU kernels, XLA:CPU computes bfloat16 dots in float32 and keeps float32
     # copies of the weights while ours runs (3b alone, 5.8 GB of weights: about 20 GB).
     # With them, 3b alone peaked at 10.3 GiB: resident + transient below.
@@ -203,29 +206,32 @@ class Ours:
 
   def __init__(self, config, params, dtype, cache_dtype, batch, text_len, max_decode_len,
                out_major=True):
-    # The pipeline's inference tree and model (per-layer language model weights).
-    self.params = params = paligemma.unstacked(params, consume=True, out_major=out_major)
-    self.model = paligemma.PaliGemma(config, jnp.dtype(dtype), scan_layers=False,
-                                     out_major=out_major)
+    # The pipeline's inference tree, model and backend (out_major: this device's speed path,
+    # `backends.select`; else the plain model on per-layer weights, as on a mesh).
+    self.params = params = layouts.unstacked(params, consume=True, out_major=out_major)
+    self.model = paligemma.PaliGemma(config, jnp.dtype(dtype), scan_layers=False)
+    install = backends.select(bfloat16=jnp.dtype(dtype) == jnp.bfloat16).install if out_major \
+        else contextlib.nullcontext
     s = config.image_size
     self.prompt_len = config.num_image_tokens + text_len
     self.cache_size = self.prompt_len + max_decode_len
     t0 = time.perf_counter()
-    prefill = decode.jit_prefill(self.model, cache_size=self.cache_size,
-                                 cache_dtype=jnp.dtype(cache_dtype))
-    self.prefill = prefill.lower(
-        params, jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
-        jax.ShapeDtypeStruct((batch, text_len), jnp.int32),
-        jax.ShapeDtypeStruct((batch, text_len), bool),
-        jax.ShapeDtypeStruct((batch, text_len), jnp.int32)).compile()
-    logits, cache, cache_valid, last = self.prefill.out_info
-    # As generate(..., forbidden_ids=(eos,)) with greedy, but no tokenizer vocab_limit:
-    # the random model's whole vocabulary is allowed, as on the HF side.
-    dec = decode.jit_decode(self.model, prompt_len=self.prompt_len,
-                            max_decode_len=max_decode_len, sampler=decode.Sampler(),
-                            eos_id=EOS, pad_id=PAD, forbidden_ids=(EOS,), vocab_limit=None)
-    self.decode = dec.lower(params, logits, cache, cache_valid, last,
-                            jax.random.PRNGKey(0)).compile()
+    with install():  # the model is traced here
+      prefill = decode.jit_prefill(self.model, cache_size=self.cache_size,
+                                   cache_dtype=jnp.dtype(cache_dtype))
+      self.prefill = prefill.lower(
+          params, jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
+          jax.ShapeDtypeStruct((batch, text_len), jnp.int32),
+          jax.ShapeDtypeStruct((batch, text_len), bool),
+          jax.ShapeDtypeStruct((batch, text_len), jnp.int32)).compile()
+      logits, cache, cache_valid, last = self.prefill.out_info
+      # As generate(..., forbidden_ids=(eos,)) with greedy, but no tokenizer vocab_limit:
+      # the random model's whole vocabulary is allowed, as on the HF side.
+      dec = decode.jit_decode(self.model, prompt_len=self.prompt_len,
+                              max_decode_len=max_decode_len, sampler=decode.Sampler(),
+                              eos_id=EOS, pad_id=PAD, forbidden_ids=(EOS,), vocab_limit=None)
+      self.decode = dec.lower(params, logits, cache, cache_valid, last,
+                              jax.random.PRNGKey(0)).compile()
     self.compile_s = time.perf_counter() - t0
 
   def prefill_flops_xla(self):

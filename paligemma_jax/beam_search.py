@@ -11,7 +11,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from paligemma_jax.paligemma import PaliGemma
+from paligemma_jax.model.paligemma import PaliGemma
 
 
 @flax.struct.dataclass

@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from paligemma_jax import gemma, paligemma, vit
+from paligemma_jax.model import gemma, layouts, paligemma, vit
 
 
 class CheckpointError(ValueError):
@@ -323,7 +323,7 @@ def load_npz(path: str, dtype=jnp.float32, overrides: Optional[Mapping] = None,
 
   dtype: the parameter dtype on device (each array is cast as it is placed).
   place: optional `(key, host_array) -> jax.Array`, e.g. a sharded device_put.
-  unstack, out_major: return the inference tree (`paligemma.unstacked`) instead, each layer
+  unstack, out_major: return the inference tree (`layouts.unstacked`) instead, each layer
   sliced from the memory-mapped member and placed on its own, so no stacked copy is made.
   """
   path = os.fspath(path)
@@ -335,7 +335,7 @@ def load_npz(path: str, dtype=jnp.float32, overrides: Optional[Mapping] = None,
     tower = next((t for t in STACKED_TOWERS if key.startswith(t + "/")), None)
     if unstack and tower:
       pieces = [(f"{tower}_{i}/{name}", a) for i, (name, a) in enumerate(
-          gemma.split_layers(key[len(tower) + 1:], host, out_major and tower == "llm/layers"))]
+          layouts.split_layers(key[len(tower) + 1:], host, out_major and tower == "llm/layers"))]
     return {k: place(k, np.ascontiguousarray(a, dtype=dtype)) for k, a in pieces}
 
   flat = {}
@@ -347,7 +347,7 @@ def load_npz(path: str, dtype=jnp.float32, overrides: Optional[Mapping] = None,
 def save_npz(path: str, params, dtype: str = "float32"):
   """Writes params in big_vision's layout (`params/...`; bfloat16 as void of 2 bytes)."""
   flat = {}
-  for key, value in traverse_util.flatten_dict(paligemma.stacked(params), sep="/").items():
+  for key, value in traverse_util.flatten_dict(layouts.stacked(params), sep="/").items():
     a = np.asarray(value)
     if dtype == "bfloat16":
       a = a.astype(ml_dtypes.bfloat16).view("V2")

@@ -17,8 +17,9 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from paligemma_jax import gemma, sharding
-from paligemma_jax.paligemma import PaliGemma
+from paligemma_jax import sharding
+from paligemma_jax.model import gemma
+from paligemma_jax.model.paligemma import PaliGemma
 
 
 # ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ on a machine with no downloaded weights. Its weights are random, so its answers 
 """
 import os
 
-from paligemma_jax import gemma, paligemma, vit
+from paligemma_jax.model import gemma, paligemma, vit
 from paligemma_jax.tokenizer import train_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

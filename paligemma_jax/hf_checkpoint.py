@@ -36,7 +36,8 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from paligemma_jax import checkpoint, gemma, paligemma, vit
+from paligemma_jax import checkpoint
+from paligemma_jax.model import gemma, layouts, paligemma, vit
 from paligemma_jax.checkpoint import CheckpointError, Loaded
 
 CONFIG = "config.json"
@@ -547,7 +548,7 @@ def load_hf(path, dtype=jnp.float32, overrides: Optional[Mapping] = None, *,
       stem, prefix = _TOWERS[tower]
       for i in range(full[0]):
         piece = layer(parts, full[1:], i)
-        for leaf, a in gemma.split_layers(key[len(prefix):], piece[None],
+        for leaf, a in layouts.split_layers(key[len(prefix):], piece[None],
                                           out_major and tower == "llm"):
           k = f"{stem}_{i}/{leaf}"
           flat[k] = place(k, a if a.flags.c_contiguous else _copy(a, dtype))
@@ -605,8 +606,8 @@ def _host_layers(params) -> Callable:
     k = f"{stem}_{i}/{name}"
     if k in flat:
       return sharding.to_host(flat[k])
-    perm = np.argsort(gemma.OUT_MAJOR[name])
-    return sharding.to_host(flat[k + gemma.OUT_MAJOR_SUFFIX]).transpose(perm)
+    perm = np.argsort(layouts.OUT_MAJOR[name])
+    return sharding.to_host(flat[k + layouts.OUT_MAJOR_SUFFIX]).transpose(perm)
   return get
 
 

@@ -179,7 +179,7 @@ class Session:
     vae = None
     if outputs.task_of(prompt) == "segment" and self.vae_ckpt:
       if self._vae_params is None:
-        from paligemma_jax import vqvae
+        from paligemma_jax.model import vqvae
         try:
           self._vae_params = vqvae.load_vae(self.vae_ckpt)
         except (FileNotFoundError, ValueError) as e:

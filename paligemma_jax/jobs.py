@@ -338,7 +338,7 @@ def task_fields(text: str, prompt: str, image_hw, vae_params=None) -> Optional[d
   if seg and vae_params is None:
     result["warning"] = "segment answer: no --vae_ckpt, so masks are not decoded (seg_codes kept)"
   elif seg:
-    from paligemma_jax import vqvae
+    from paligemma_jax.model import vqvae
     codes = np.array([objects[i].seg_codes for i in seg], np.int32)
     for i, m64 in zip(seg, vqvae.decode_masks(vae_params, codes)):
       masks[i] = outputs.paste_mask(m64, objects[i].box, image_hw)
@@ -475,7 +475,7 @@ def run_job(make_pipeline: Callable, images: str, prompt: str, output_jsonl: str
       raise JobError(str(e)) from None
     vae_params = None
     if vae_ckpt and any(outputs.task_of(it.prompt) == "segment" for it in todo):
-      from paligemma_jax import vqvae
+      from paligemma_jax.model import vqvae
       try:
         vae_params = vqvae.load_vae(vae_ckpt)
       except (FileNotFoundError, ValueError) as e:

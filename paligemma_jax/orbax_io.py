@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from paligemma_jax import checkpoint, paligemma, sharding
+from paligemma_jax import checkpoint, sharding
+from paligemma_jax.model import layouts, paligemma
 from paligemma_jax.checkpoint import CheckpointError, Loaded
 
 COMMIT_MARKER = "commit_success.txt"   # orbax's atomicity_types.COMMIT_SUCCESS_FILE
@@ -171,7 +172,7 @@ def save(path, params, *, overwrite: bool = False) -> str:
   before = set(threading.enumerate())
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(path, paligemma.stacked(params), force=overwrite)
+      ckptr.save(path, layouts.stacked(params), force=overwrite)
       ckptr.wait_until_finished()
   except Exception as e:
     _release_waiting_threads(before)

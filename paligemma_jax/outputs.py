@@ -295,7 +295,7 @@ def write_task_outputs(text, prompt, image, output_dir, vae_params=None):
     result["error"] = ("segment answer needs --vae_ckpt=PATH to decode masks; "
                        "boxes were written")
   elif seg_idx:
-    from paligemma_jax import vqvae  # jax only when masks are needed
+    from paligemma_jax.model import vqvae  # jax only when masks are needed
     codes = np.array([objects[i].seg_codes for i in seg_idx], np.int32)
     for i, m64 in zip(seg_idx, vqvae.decode_masks(vae_params, codes)):
       masks[i] = paste_mask(m64, objects[i].box, (h, w))

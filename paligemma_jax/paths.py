@@ -77,7 +77,7 @@ def check_vae(path: str, flag: str = "--vae_ckpt"):
 
   Reads only the zip directory and each member's .npy header, not the arrays.
   """
-  from paligemma_jax import vqvae
+  from paligemma_jax.model import vqvae
   if not os.path.lexists(path):
     raise PathError(f"{_name(path, flag)}: no such file")
   if not os.path.isfile(path):

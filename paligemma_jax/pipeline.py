@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paligemma_jax import beam_search, checkpoint, decode, image as image_lib, paligemma
-from paligemma_jax import sharding
+from paligemma_jax import beam_search, checkpoint, decode, image as image_lib
+from paligemma_jax.model import layouts, paligemma
+from paligemma_jax import backends, sharding
 from paligemma_jax.tokenizer import Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -117,30 +118,34 @@ class PaliGemmaPipeline:
 
   def __init__(self, config: paligemma.PaliGemmaConfig, params, tokenizer: Tokenizer, *,
                dtype="float32", cache_dtype="bfloat16", prompt_bucket: int = 16,
-               max_seq_len: int = 8192, load_s: float = 0.0, mesh=None):
+               max_seq_len: int = 8192, load_s: float = 0.0, mesh=None, backend=None,
+               consume: bool = False):
+    """params: big_vision's tree, or the inference tree of `backend`'s layout already.
+    backend: a `backends.select` result (default: selected here from `mesh`).
+    consume: the caller holds no other reference to params' arrays, so each stacked array is
+    dropped as soon as it is split (one extra array alive at a time)."""
     if tokenizer.vocab_size > config.llm.vocab_size:
       raise ValueError(
           f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
           f"embedding has only {config.llm.vocab_size} rows")
     self.config = config
     self.mesh = mesh  # jax.sharding.Mesh ('data', 'model') or None (one device)
-    # The inference tree (`paligemma.unstacked`); `paligemma.stacked` gives big_vision's back.
-    # One device: layer weights out-major, the layout XLA's CPU dot reads fastest at few
-    # rows. A mesh keeps the stored layout, the one `sharding.RULES` and
-    # `sharding.weight_stationary` describe.
-    self.out_major = mesh is None
-    params = paligemma.unstacked(params, out_major=self.out_major)
-    self.params = params if mesh is None else sharding.shard_params(params, mesh)
-    self.tokenizer = tokenizer
     if prompt_bucket < 1:
       raise ValueError(f"prompt_bucket must be >= 1, got {prompt_bucket}")
     self.dtype = as_dtype(dtype)
+    # The speed path and the weight layout it reads, chosen once from where the parameters
+    # live; the inference tree has its layers split (`layouts.unstacked`), and
+    # `layouts.stacked` gives big_vision's back.
+    self.backend = backend or backends.select(mesh, bfloat16=any(
+        x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(params)))
+    params = layouts.unstacked(params, consume=consume, out_major=self.backend.out_major)
+    self.params = _block(params if mesh is None else sharding.shard_params(params, mesh))
+    self.tokenizer = tokenizer
     self.cache_dtype = as_dtype(cache_dtype, "cache_dtype")
     self.prompt_bucket = prompt_bucket
     self.max_seq_len = max_seq_len
     self.load_s = load_s
-    self.model = paligemma.PaliGemma(config, self.dtype, scan_layers=False,
-                                     out_major=self.out_major)
+    self.model = paligemma.PaliGemma(config, self.dtype, scan_layers=False)
     self._compiled = {}
 
   @classmethod
@@ -157,25 +162,27 @@ class PaliGemmaPipeline:
     one_device = kw.get("mesh") is None
     require_commit_marker = kw.pop("require_commit_marker", True)
     tokenizer = tokenizer or hf_checkpoint.tokenizer_file(ckpt)  # an HF directory's own
+    backend = kw.pop("backend", None) or backends.select(
+        kw.get("mesh"), bfloat16=as_dtype(dtype) == jnp.bfloat16)
     if one_device and hf_checkpoint.is_hf_dir(ckpt):  # mapped and split layer by layer as read
       loaded = hf_checkpoint.load_hf(ckpt, dtype=as_dtype(dtype), overrides=overrides,
-                                     unstack=True, out_major=True)
+                                     unstack=True, out_major=backend.out_major)
     elif one_device and not orbax_io.is_orbax_path(ckpt):  # split layer by layer off the mmap
       loaded = checkpoint.load_npz(ckpt, dtype=as_dtype(dtype), overrides=overrides,
-                                   unstack=True, out_major=True)
+                                   unstack=True, out_major=backend.out_major)
     else:
       loaded = orbax_io.load(ckpt, dtype=as_dtype(dtype), overrides=overrides, mesh=kw.get("mesh"),
                              require_commit_marker=require_commit_marker)
-    return cls.from_loaded(loaded, Tokenizer(tokenizer), dtype=dtype, t0=t0, **kw)
+    return cls.from_loaded(loaded, Tokenizer(tokenizer), dtype=dtype, t0=t0, backend=backend,
+                           **kw)
 
   @classmethod
   def from_loaded(cls, loaded: checkpoint.Loaded, tokenizer: Tokenizer, *, t0=None, **kw):
     """A pipeline that takes over `loaded` (a checkpoint.Loaded): its stacked layers are split
     one array at a time and dropped from it. t0: perf_counter() when loading began."""
-    params = paligemma.unstacked(loaded.params, consume=True, out_major=kw.get("mesh") is None)
-    _block(params)
-    load_s = 0.0 if t0 is None else time.perf_counter() - t0
-    return cls(loaded.config, params, tokenizer, load_s=load_s, **kw)
+    pipe = cls(loaded.config, loaded.params, tokenizer, consume=True, **kw)
+    pipe.load_s = 0.0 if t0 is None else time.perf_counter() - t0
+    return pipe
 
   # -------------------------------------------------------------------------
 
@@ -192,6 +199,12 @@ class PaliGemmaPipeline:
     for i, (t, m) in enumerate(rows):
       text[i, :len(t)], input_mask[i, :len(t)], mask_ar[i, :len(t)] = t, True, m
     return dict(images=pixels, text=text, input_mask=input_mask, mask_ar=mask_ar)
+
+  def logits(self, pixels, text, mask_ar, input_mask=None):
+    """Teacher-forced float32 text logits (B, T, V) of the loaded model: pixels (B, S, S, 3)
+    as `make_batch` gives them, text and mask_ar (B, T) (see `tokenizer.prompt`)."""
+    with self.backend.install():
+      return self.model.apply({"params": self.params}, pixels, text, mask_ar, input_mask)[0]
 
   def padded_length(self, prompt_tokens: int) -> int:
     """The prompt width the compiled functions use: a multiple of prompt_bucket."""
@@ -265,27 +278,28 @@ class PaliGemmaPipeline:
     prompt_len = self.config.num_image_tokens + width
     cache_size = prompt_len + max_decode_len
     s = self.config.image_size
-    prefill = decode.jit_prefill(self.model, cache_size=cache_size, cache_dtype=self.cache_dtype,
-                                 mesh=self.mesh)
-    rows = None if self.mesh is None else sharding.batch_sharding(batch, self.mesh)
-    prefill = prefill.lower(
-        self.params, jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32, sharding=rows),
-        jax.ShapeDtypeStruct((batch, width), jnp.int32, sharding=rows),
-        jax.ShapeDtypeStruct((batch, width), bool, sharding=rows),
-        jax.ShapeDtypeStruct((batch, width), jnp.int32, sharding=rows)).compile()
-    logits, cache, cache_valid, last = prefill.out_info
-    common = dict(prompt_len=prompt_len, max_decode_len=max_decode_len,
-                  eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                  forbidden_ids=forbidden_ids or None, vocab_limit=self.tokenizer.vocab_size)
-    if strategy[0] == "beam":
-      dec = jax.jit(functools.partial(beam_search.beam_search, self.model, beam_size=strategy[1],
-                                      **common))
-      dec = dec.lower(self.params, logits, cache, cache_valid, last).compile()
-    else:
-      dec = decode.jit_decode(self.model, sampler=strategy[1], stream=stream, mesh=self.mesh,
-                              **common)
-      dec = dec.lower(self.params, logits, cache, cache_valid, last,
-                      jax.random.PRNGKey(0)).compile()
+    with self.backend.install():  # the model is traced while lowering
+      prefill = decode.jit_prefill(self.model, cache_size=cache_size, cache_dtype=self.cache_dtype,
+                                   mesh=self.mesh)
+      rows = None if self.mesh is None else sharding.batch_sharding(batch, self.mesh)
+      prefill = prefill.lower(
+          self.params, jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32, sharding=rows),
+          jax.ShapeDtypeStruct((batch, width), jnp.int32, sharding=rows),
+          jax.ShapeDtypeStruct((batch, width), bool, sharding=rows),
+          jax.ShapeDtypeStruct((batch, width), jnp.int32, sharding=rows)).compile()
+      logits, cache, cache_valid, last = prefill.out_info
+      common = dict(prompt_len=prompt_len, max_decode_len=max_decode_len,
+                    eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                    forbidden_ids=forbidden_ids or None, vocab_limit=self.tokenizer.vocab_size)
+      if strategy[0] == "beam":
+        dec = jax.jit(functools.partial(beam_search.beam_search, self.model, beam_size=strategy[1],
+                                        **common))
+        dec = dec.lower(self.params, logits, cache, cache_valid, last).compile()
+      else:
+        dec = decode.jit_decode(self.model, sampler=strategy[1], stream=stream, mesh=self.mesh,
+                                **common)
+        dec = dec.lower(self.params, logits, cache, cache_valid, last,
+                        jax.random.PRNGKey(0)).compile()
     self._compiled[key] = (prefill, dec)
     return prefill, dec, time.perf_counter() - t0
 

@@ -258,7 +258,7 @@ def weight_stationary(mesh: Mesh):
   are the large side).
   """
   import flax.linen as nn
-  from paligemma_jax import gemma
+  from paligemma_jax.model import gemma
 
   def interceptor(next_fun, args, kwargs, context):
     module, method = context.module, context.method_name
@@ -268,8 +268,6 @@ def weight_stationary(mesh: Mesh):
         and module.name in _LLM_WEIGHT_SPECS:
       eqn, x = args
       x_spec, out_spec = _einsum_specs(eqn, _LLM_WEIGHT_SPECS[module.name])
-      # The plain einsum, not Einsum's CPU-layout rewrite (gemma.einsum_stored_layout):
-      # its broadcast over heads would let the partitioner gather the weight instead.
       w = module.get_variable("params", "w").astype(module.dtype)
       out = jnp.einsum(eqn, _constrain(x, x_spec, mesh), w)
       return _constrain(out, out_spec, mesh)

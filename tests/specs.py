@@ -3,7 +3,7 @@
 Written from the spec, not inferred from arrays, so tests can check `checkpoint.infer_config`
 against it; the benchmarks build their models from the same function.
 """
-from paligemma_jax import gemma, paligemma, vit
+from paligemma_jax.model import gemma, paligemma, vit
 
 
 def spec_config(spec: dict) -> paligemma.PaliGemmaConfig:

@@ -5,7 +5,8 @@ import pytest
 
 from tests.conftest import spec_config
 from tests import bv_fixtures
-from paligemma_jax import decode, gemma, paligemma
+from paligemma_jax import decode
+from paligemma_jax.model import gemma, layouts, paligemma
 
 
 def rope_reference(x, positions):
@@ -78,7 +79,7 @@ def test_prefill_looks_sin_and_cos_up_once():
   before the table, XLA's CPU backend computed them again inside every layer's rotation."""
   config = spec_config(bv_fixtures.SPECS["pg1_mqa"])
   model = paligemma.PaliGemma(config, scan_layers=False)
-  params = paligemma.unstacked(paligemma.init_params(config))
+  params = layouts.unstacked(paligemma.init_params(config))
   s = config.image_size
   cache_size = config.num_image_tokens + 8
   prefill = decode.jit_prefill(model, cache_size=cache_size, cache_dtype=jnp.float32)

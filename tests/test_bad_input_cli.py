@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from tests import bv_fixtures
-from paligemma_jax import demo, jobs, paligemma
+from paligemma_jax import demo, jobs
+from paligemma_jax.model import paligemma
 from paligemma_jax.pipeline import PaliGemmaPipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

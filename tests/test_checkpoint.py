@@ -13,7 +13,8 @@ from flax import traverse_util
 
 from tests import bv_fixtures
 from tests.conftest import SPEC_NAMES, spec_config, spec_overrides
-from paligemma_jax import checkpoint, paligemma
+from paligemma_jax import checkpoint
+from paligemma_jax.model import paligemma
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -201,8 +202,8 @@ _MEMORY_PROBE = textwrap.dedent("""
     elif sys.argv[2] == 'inference':  # what PaliGemmaPipeline.from_files does on one device
       params = checkpoint.load_npz(sys.argv[1], unstack=True, out_major=True).params
     elif sys.argv[2] == 'split_after':  # the second copy the test guards against
-      from paligemma_jax import paligemma
-      params = paligemma.unstacked(checkpoint.load_npz(sys.argv[1]).params, out_major=True)
+      from paligemma_jax.model import layouts
+      params = layouts.unstacked(checkpoint.load_npz(sys.argv[1]).params, out_major=True)
     else:  # the naive way: np.load everything, then put it on the device
       with np.load(sys.argv[1]) as z:
         host = {{k: z[k] for k in z.files}}

@@ -39,12 +39,14 @@ def test_decode_is_one_while_loop(pipe, test_image):
   batch = pipe.make_batch([test_image], ["caption en"])
   b, t = batch["text"].shape
   prefill, _, _ = pipe._functions(b, t, 8, ("sample", decode.Sampler()), ())
-  jaxpr = jax.make_jaxpr(lambda *a: decode.decode(
-      pipe.model, *a, prompt_len=pipe.config.num_image_tokens + t, max_decode_len=8,
-      sampler=decode.Sampler(), eos_id=1))(
-          pipe.params, *jax.eval_shape(lambda: prefill(
-              pipe.params, batch["images"], batch["text"], batch["input_mask"], batch["mask_ar"])),
-          jax.random.PRNGKey(0))
+  with pipe.backend.install():  # the pipeline's tree is read under its backend
+    jaxpr = jax.make_jaxpr(lambda *a: decode.decode(
+        pipe.model, *a, prompt_len=pipe.config.num_image_tokens + t, max_decode_len=8,
+        sampler=decode.Sampler(), eos_id=1))(
+            pipe.params, *jax.eval_shape(lambda: prefill(
+                pipe.params, batch["images"], batch["text"], batch["input_mask"],
+                batch["mask_ar"])),
+            jax.random.PRNGKey(0))
   top_level = [e.primitive.name for e in jaxpr.eqns]
   assert top_level.count("while") == 1
   # The model runs inside the loop body, not unrolled outside it.
@@ -58,8 +60,8 @@ def test_cached_decode_equals_full_forward(pipe, test_image):
   text = np.concatenate([tokens, np.array(out.tokens, np.int32)])[None]
   mask_ar = np.concatenate([mask_ar, np.ones(len(out.tokens), np.int32)])[None]
   pixels = pipe.make_batch([test_image], ["caption en"])["images"]
-  logits = np.asarray(pipe.model.apply({"params": pipe.params}, pixels, text, mask_ar))
-  first = pipe.config.num_image_tokens + len(tokens) - 1
+  logits = np.asarray(pipe.logits(pixels, text, mask_ar))
+  first = len(tokens) - 1
   full = logits[0, first:first + len(out.tokens)].copy()
   full[:, pipe.tokenizer.vocab_size:] = -np.inf  # rows no tokenizer piece names are never emitted
   np.testing.assert_array_equal(full.argmax(-1), out.tokens)
@@ -134,9 +136,9 @@ def test_beam_scores_are_model_logprobs(pipe, test_image):
   text = np.concatenate([tokens, np.array(bm.tokens, np.int32)])[None]
   mask_ar = np.concatenate([mask_ar, np.ones(len(bm.tokens), np.int32)])[None]
   pixels = pipe.make_batch([test_image], ["caption en"])["images"]
-  logits = np.asarray(pipe.model.apply({"params": pipe.params}, pixels, text, mask_ar)).copy()
+  logits = np.asarray(pipe.logits(pixels, text, mask_ar)).copy()
   logits[..., pipe.tokenizer.vocab_size:] = -np.inf
-  first = pipe.config.num_image_tokens + len(tokens) - 1
+  first = len(tokens) - 1
   logp = jax.nn.log_softmax(logits[0, first:first + len(bm.tokens)])
   np.testing.assert_allclose(bm.logprobs, logp[np.arange(len(bm.tokens)), bm.tokens], atol=1e-4)
 

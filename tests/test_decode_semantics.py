@@ -56,14 +56,14 @@ def _jitted(pipe, batch, width, **kw):
   cache_size = prompt_len + kw["max_decode_len"]
   pkey = ("prefill", id(pipe), cache_size)
   if pkey not in _JITTED:
-    _JITTED[pkey] = decode.jit_prefill(pipe.model, cache_size=cache_size,
-                                       cache_dtype=pipe.cache_dtype)
+    _JITTED[pkey] = pipe.backend.around(decode.jit_prefill(pipe.model, cache_size=cache_size,
+                                                           cache_dtype=pipe.cache_dtype))
   dkey = ("decode", id(pipe), prompt_len, tuple(sorted(kw.items())))
   if dkey not in _JITTED:
     kw = dict(dict(sampler=decode.Sampler(), pad_id=pipe.tokenizer.pad_id,
                    vocab_limit=pipe.tokenizer.vocab_size), **kw)
-    _JITTED[dkey] = jax.jit(functools.partial(decode.decode, pipe.model, prompt_len=prompt_len,
-                                              **kw))
+    _JITTED[dkey] = pipe.backend.around(jax.jit(functools.partial(
+        decode.decode, pipe.model, prompt_len=prompt_len, **kw)))
   return _JITTED[pkey], _JITTED[dkey]
 
 
@@ -94,8 +94,8 @@ def _teacher_forced(pipe, image, prompt_tokens, prompt_mask_ar, answer):
   text = np.concatenate([prompt_tokens, np.asarray(answer, np.int32)])[None]
   mask_ar = np.concatenate([prompt_mask_ar, np.ones(len(answer), np.int32)])[None]
   pixels = pipe.make_batch([image], ["x"])["images"]
-  logits = np.asarray(pipe.model.apply({"params": pipe.params}, pixels, text, mask_ar))
-  first = pipe.config.num_image_tokens + len(prompt_tokens) - 1
+  logits = np.asarray(pipe.logits(pixels, text, mask_ar))
+  first = len(prompt_tokens) - 1
   return logits[0, first:first + len(answer), :pipe.tokenizer.vocab_size]
 
 
@@ -263,7 +263,8 @@ def _decode_jaxpr(pipe, images, stream):
   fn = functools.partial(
       decode.decode, pipe.model, prompt_len=pipe.config.num_image_tokens + b["text"].shape[1],
       max_decode_len=M, sampler=decode.Sampler(), eos_id=1, stream=stream)
-  return jax.make_jaxpr(fn)(pipe.params, *out, jax.random.PRNGKey(0)), out
+  with pipe.backend.install():
+    return jax.make_jaxpr(fn)(pipe.params, *out, jax.random.PRNGKey(0)), out
 
 
 def test_only_streaming_decode_has_host_callbacks(pipe, images):
@@ -285,7 +286,8 @@ def test_beam_search_is_one_while_loop_without_host_calls(pipe, images):
   fn = functools.partial(
       beam_search.beam_search, pipe.model, prompt_len=pipe.config.num_image_tokens + width,
       max_decode_len=M, beam_size=3, eos_id=1, vocab_limit=pipe.tokenizer.vocab_size)
-  jaxpr = jax.make_jaxpr(fn)(pipe.params, logits, cache, cache_valid, last)
+  with pipe.backend.install():
+    jaxpr = jax.make_jaxpr(fn)(pipe.params, logits, cache, cache_valid, last)
   top_level = [e.primitive.name for e in jaxpr.jaxpr.eqns]
   assert top_level.count("while") == 1, top_level
   assert "dot_general" not in top_level and "scan" not in top_level

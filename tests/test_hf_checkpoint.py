@@ -23,7 +23,8 @@ from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
 from tests import bv_fixtures, hf_reference
 from tests.conftest import spec_config, spec_overrides
-from paligemma_jax import checkpoint, hf_checkpoint, image, paligemma
+from paligemma_jax import checkpoint, hf_checkpoint, image
+from paligemma_jax.model import layouts, paligemma
 from paligemma_jax.checkpoint import CheckpointError
 from paligemma_jax.pipeline import PaliGemmaPipeline
 
@@ -71,8 +72,13 @@ def _inputs(tokenizer, test_image, spec, suffix_len=6):
 
 
 def _our_logits(loaded, pixels, text, mask_ar):
+  """Teacher-forced text logits (B, T, V)."""
   model = paligemma.PaliGemma(loaded.config, jnp.float32)
-  return np.asarray(model.apply({"params": loaded.params}, pixels, text, mask_ar))
+  return np.asarray(model.apply({"params": loaded.params}, pixels, text, mask_ar)[0])
+
+
+def _hf_text_logits(model, pixels, text, mask_ar):
+  return hf_reference.hf_logits(model, pixels, text, mask_ar)[:, -text.shape[1]:]
 
 
 def _flat(loaded):
@@ -99,7 +105,7 @@ def test_load_gives_big_vision_arrays(name, dtype, hf_dirs, flat_params):
     np.testing.assert_array_equal(got[key], want.astype(cast).astype(np.float32), err_msg=key)
   # The inference tree, as PaliGemmaPipeline.from_files loads it: the same arrays, per layer.
   split = hf_checkpoint.load_hf(path, dtype=jnp.bfloat16, unstack=True, out_major=True)
-  again = traverse_util.flatten_dict(paligemma.stacked(split.params), sep="/")
+  again = traverse_util.flatten_dict(layouts.stacked(split.params), sep="/")
   for key, want in flat_params[name].items():
     np.testing.assert_array_equal(np.asarray(again[key]).astype(np.float32),
                                   want.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=key)
@@ -113,7 +119,7 @@ def test_logits_match_transformers_on_its_own_files(name, hf_dirs, tokenizer, te
   loaded = hf_checkpoint.load_hf(path)
   assert loaded.config == spec_config(spec)  # query_pre_attn_scalar and softcaps included
   ours = _our_logits(loaded, pixels, text, mask_ar)
-  ref = hf_reference.hf_logits(_hf_model(path), pixels, text, mask_ar)
+  ref = _hf_text_logits(_hf_model(path), pixels, text, mask_ar)
   assert ours.shape == ref.shape
   err = rel_err(ours, ref)
   print(f"{name}: max relative logit error {err:.2e}")
@@ -212,7 +218,7 @@ def test_transformers_loads_our_export_and_matches_our_logits(name, ckpt_path, t
   assert not info["mismatched_keys"], info
   pixels, text, mask_ar = _inputs(tokenizer, test_image, spec)
   vocab = spec["vocab"]
-  ref = hf_reference.hf_logits(model.float().eval(), pixels, text, mask_ar)
+  ref = _hf_text_logits(model.float().eval(), pixels, text, mask_ar)
   # HF's embedding carries `<image>` and padding rows (1536 -> 1600) after big_vision's.
   assert ref.shape[-1] == 1600 and model.config.image_token_index == vocab
   ours = _our_logits(loaded, pixels, text, mask_ar)

@@ -13,7 +13,8 @@ import pexpect.fdpexpect
 import pytest
 from PIL import Image
 
-from paligemma_jax import demo, interactive, paligemma, pipeline
+from paligemma_jax import demo, interactive, pipeline
+from paligemma_jax.model import paligemma
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_IMAGE = os.path.join(REPO, "assets", "demo.png")

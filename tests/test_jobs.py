@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from paligemma_jax import demo, jobs, paligemma
+from paligemma_jax import demo, jobs
+from paligemma_jax.model import paligemma
 from paligemma_jax.image import load_image
 from paligemma_jax.pipeline import PaliGemmaPipeline
 
@@ -123,7 +124,8 @@ def test_rle_roundtrip():
 
 
 def test_task_fields_boxes_and_masks(monkeypatch):
-  from paligemma_jax import outputs, vqvae
+  from paligemma_jax import outputs
+  from paligemma_jax.model import vqvae
   assert jobs.task_fields("a cat", "caption en", (100, 200)) is None
   det = jobs.task_fields("<loc0000><loc0000><loc0511><loc1023> cat ; junk", "detect cat",
                          (100, 200))

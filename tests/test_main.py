@@ -131,7 +131,7 @@ SEGS = "".join(f"<seg{i * 7 % 128:03d}>" for i in range(16))
 def test_render_an_answer_made_elsewhere(tmp_path):
   """--answer draws boxes and masks without loading a model."""
   from PIL import Image
-  from paligemma_jax import vqvae
+  from paligemma_jax.model import vqvae
   vae = tmp_path / "vae.npz"
   vqvae.save_vae(str(vae), vqvae.init_vae_params(0))
   answer = f"<loc0100><loc0200><loc0800><loc0900>{SEGS} blue box ; <loc0300><loc0050><loc0700><loc0400> disc"

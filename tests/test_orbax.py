@@ -151,7 +151,8 @@ def test_gemma_release_plus_vision_tower(name, transpose_gating, img_only, tmp_p
   """Same arrays, hence the same logits, as the big_vision npz of the same model."""
   import jax
   import jax.numpy as jnp
-  from paligemma_jax import checkpoint, orbax_io, paligemma
+  from paligemma_jax import checkpoint, orbax_io
+  from paligemma_jax.model import paligemma
   flat = flat_params[name]
   gemma_dir = write_gemma_release(tmp_path / "gemma", flat, transpose_gating=transpose_gating)
   img_npz = bv_fixtures.write_npz(tmp_path / "img.npz", {k: v for k, v in flat.items()
@@ -172,7 +173,7 @@ def test_gemma_release_plus_vision_tower(name, transpose_gating, img_only, tmp_p
   images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, s, s, 3)), jnp.float32)
   text = jnp.asarray([[2, 40, 41, 42, 108, 300, 301]], jnp.int32)
   mask_ar = jnp.asarray([[0, 0, 0, 0, 0, 1, 1]], jnp.int32)
-  forward = jax.jit(lambda p: model.apply({"params": p}, images, text, mask_ar))
+  forward = jax.jit(lambda p: model.apply({"params": p}, images, text, mask_ar)[0])
   np.testing.assert_array_equal(np.asarray(forward(got.params)), np.asarray(forward(ref.params)))
 
 

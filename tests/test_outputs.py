@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paligemma_jax import outputs, vqvae
+from paligemma_jax import outputs
+from paligemma_jax.model import vqvae
 
 SEGS = "".join(f"<seg{i:03d}>" for i in range(0, 160, 10))  # 16 codes, 0..150
 SEGS_OK = "".join(f"<seg{i:03d}>" for i in range(16))

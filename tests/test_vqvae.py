@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests import torch_vqvae_reference as ref
-from paligemma_jax import vqvae
+from paligemma_jax.model import vqvae
 
 
 def _rel_l2(got, want):

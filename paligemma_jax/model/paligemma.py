@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from paligemma_jax import gemma as gemma_lib
-from paligemma_jax import vit as vit_lib
+from paligemma_jax.model import gemma as gemma_lib
+from paligemma_jax.model import vit as vit_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,20 +42,28 @@ def make_attn_mask(input_mask, mask_ar):
 
 
 class PaliGemma(nn.Module):
-  """scan_layers: True takes big_vision's tree, False the inference tree of `unstacked`
-  (out_major: of `unstacked(out_major=True)`), in both towers."""
+  """scan_layers: True takes big_vision's tree, False the inference tree of
+  `layouts.unstacked`, in both towers.
+
+  Training knobs, as big_vision's: llm_dropout and img_dropout (active with `train=True`,
+  which needs a "dropout" rng), remat_policy for the layers of both towers.
+  """
   config: PaliGemmaConfig
   dtype: jnp.dtype = jnp.float32
   scan_layers: bool = True
-  out_major: bool = False
+  llm_dropout: float = 0.0
+  img_dropout: float = 0.0
+  remat_policy: str = "none"
 
   def setup(self):
-    self.img = vit_lib.ViT(self.config.vit, self.dtype, self.scan_layers)
-    self.llm = gemma_lib.Gemma(self.config.llm, self.dtype, self.scan_layers, self.out_major)
+    self.img = vit_lib.ViT(self.config.vit, self.dtype, self.scan_layers, self.img_dropout,
+                           self.remat_policy)
+    self.llm = gemma_lib.Gemma(self.config.llm, self.dtype, self.scan_layers, self.llm_dropout,
+                               self.remat_policy)
 
-  def embed_image_and_text(self, images, text):
+  def embed_image_and_text(self, images, text, train=False):
     """images (B,S,S,3) in [-1,1], text (B,T) -> (B, Ni+T, D). Image tokens are not scaled."""
-    zimg = self.img(images).astype(self.dtype)
+    zimg = self.img(images, deterministic=not train).astype(self.dtype)
     return jnp.concatenate([zimg, self.llm.embed(text)], axis=1)
 
   def _full_masks(self, text, input_mask, mask_ar):
@@ -64,15 +72,22 @@ class PaliGemma(nn.Module):
     mask_ar = jnp.concatenate([jnp.zeros((b, ni), jnp.int32), mask_ar.astype(jnp.int32)], 1)
     return input_mask, mask_ar
 
-  def __call__(self, images, text, mask_ar, input_mask=None):
-    """Teacher-forced float32 logits for image + text: (B, Ni+T, V)."""
+  def __call__(self, images, text, mask_ar, input_mask=None, train=False):
+    """Teacher-forced: images (B,S,S,3), text, mask_ar (B,T) -> (text logits (B,T,V) float32,
+    intermediates): "img/zimg" (B,Ni,D) image embeddings, "llm/pre_logits" (B,Ni+T,D) final-
+    normed hidden states of image and text; as big_vision's `(text_logits, out)`.
+    """
     if input_mask is None:
       input_mask = jnp.ones(text.shape, bool)
-    x = self.embed_image_and_text(images, text)
+    x = self.embed_image_and_text(images, text, train)
+    ni = self.config.num_image_tokens
+    out = {"img/zimg": x[:, :ni]}
     input_mask, mask_ar = self._full_masks(text, input_mask, mask_ar)
     positions = jnp.cumsum(input_mask, axis=1) - 1
-    hidden, _ = self.llm(x, positions, make_attn_mask(input_mask, mask_ar))
-    return self.llm.logits(hidden)
+    hidden, _ = self.llm(x, positions, make_attn_mask(input_mask, mask_ar),
+                         deterministic=not train)
+    out["llm/pre_logits"] = hidden
+    return self.llm.logits(hidden[:, ni:]), out
 
   def prefill(self, images, text, input_mask, mask_ar, cache):
     """Runs the prompt and fills `cache` from slot 0.
@@ -103,24 +118,6 @@ class PaliGemma(nn.Module):
     x = self.llm.embed(tokens[:, None])
     hidden, cache = self.llm(x, positions[:, None], cache_valid[:, None, :], cache, write_index)
     return self.llm.logits(hidden)[:, 0], cache
-
-
-def unstacked(params: dict, consume: bool = False, out_major: bool = False) -> dict:
-  """big_vision's tree -> the inference tree of `PaliGemma(scan_layers=False)`: `llm/layers`
-  split into `llm/layers_0` ..., `img/Transformer/encoderblock` into `encoderblock_0` ...
-  (a scan slices, i.e. copies, each layer's weights out of the stacked arrays on every call).
-  out_major (language model only), consume: see `gemma.unstack_layers`."""
-  img = dict(params["img"])
-  img["Transformer"] = gemma_lib.unstack_layers(img["Transformer"], consume, name="encoderblock")
-  return {**params, "img": img,
-          "llm": gemma_lib.unstack_layers(params["llm"], consume, out_major)}
-
-
-def stacked(params: dict) -> dict:
-  """Either tree -> big_vision's (what checkpoints hold)."""
-  img = dict(params["img"])
-  img["Transformer"] = gemma_lib.stack_layers(img["Transformer"], name="encoderblock")
-  return {**params, "img": img, "llm": gemma_lib.stack_layers(params["llm"])}
 
 
 def _init(config: PaliGemmaConfig, seed: int):

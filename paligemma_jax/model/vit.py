@@ -53,12 +53,14 @@ class MultiHeadDotProductAttention(nn.Module):
 class MlpBlock(nn.Module):
   mlp_dim: int
   dtype: jnp.dtype
+  dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, deterministic=True):
     width = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
     x = nn.gelu(x, approximate=True)
+    x = nn.Dropout(self.dropout)(x, deterministic)
     return nn.Dense(width, dtype=self.dtype, name="Dense_1")(x)
 
 
@@ -68,44 +70,55 @@ def _layer_norm(name):
 
 
 class Encoder1DBlock(nn.Module):
-  """One pre-LN block; returns (carry, None), the form nn.scan takes."""
+  """One pre-LN block; returns (carry, None), the form nn.scan takes.
+
+  dropout: after the attention and inside and after the MLP, as big_vision's ViT.
+  """
   num_heads: int
   mlp_dim: int
   dtype: jnp.dtype
+  dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x, _):
+  def __call__(self, x, deterministic=True):
     y = _layer_norm("LayerNorm_0")(x).astype(self.dtype)
     y = MultiHeadDotProductAttention(
         self.num_heads, self.dtype, name="MultiHeadDotProductAttention_0")(y)
-    x = x + y
+    x = x + nn.Dropout(self.dropout)(y, deterministic)
     y = _layer_norm("LayerNorm_1")(x).astype(self.dtype)
-    y = MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_0")(y)
-    return x + y, None
+    y = MlpBlock(self.mlp_dim, self.dtype, self.dropout, name="MlpBlock_0")(y, deterministic)
+    return x + nn.Dropout(self.dropout)(y, deterministic), None
 
 
 class Transformer(nn.Module):
   """scan_layers: big_vision's tree (`encoderblock` stacked over depth), else one
-  `encoderblock_i` per layer (`paligemma.unstacked`)."""
+  `encoderblock_i` per layer (`layouts.unstacked`). remat_policy: see `gemma.Gemma`."""
   depth: int
   num_heads: int
   mlp_dim: int
   dtype: jnp.dtype
   scan_layers: bool = True
+  dropout: float = 0.0
+  remat_policy: str = "none"
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, deterministic=True):
+    block = Encoder1DBlock
+    if self.remat_policy != "none":  # 0 = self, 2 = deterministic
+      block = nn.remat(block, prevent_cse=not self.scan_layers, static_argnums=(2,),
+                       policy=getattr(jax.checkpoint_policies, self.remat_policy))
+    args = (self.num_heads, self.mlp_dim, self.dtype, self.dropout)
     if self.scan_layers:
       blocks = nn.scan(
-          Encoder1DBlock,
+          block,
           variable_axes={"params": 0},
-          split_rngs={"params": True},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=nn.broadcast,
           length=self.depth)
-      x, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, name="encoderblock")(x, None)
+      x, _ = blocks(*args, name="encoderblock")(x, deterministic)
     else:
       for i in range(self.depth):
-        x, _ = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dtype,
-                              name=f"encoderblock_{i}")(x, None)
+        x, _ = block(*args, name=f"encoderblock_{i}")(x, deterministic)
     return _layer_norm("encoder_norm")(x)
 
 
@@ -114,9 +127,11 @@ class ViT(nn.Module):
   config: ViTConfig
   dtype: jnp.dtype = jnp.float32
   scan_layers: bool = True
+  dropout: float = 0.0
+  remat_policy: str = "none"
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, deterministic=True):
     c = self.config
     x = nn.Conv(c.width, (c.patch, c.patch), strides=(c.patch, c.patch),
                 padding="VALID", dtype=self.dtype, name="embedding")(
@@ -127,6 +142,7 @@ class ViT(nn.Module):
                      (1, h * w, d), jnp.float32)
     x = x.astype(jnp.float32) + pos.astype(jnp.float32)
     x = Transformer(c.depth, c.num_heads, c.mlp_dim, self.dtype, self.scan_layers,
-                    name="Transformer")(x.astype(self.dtype))
+                    self.dropout, self.remat_policy, name="Transformer")(
+                        x.astype(self.dtype), deterministic)
     return nn.Dense(c.out_dim, dtype=self.dtype, name="head")(
         x.astype(self.dtype))

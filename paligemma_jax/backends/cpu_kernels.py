@@ -1,4 +1,4 @@
-"""bfloat16 weights on the CPU: `cpu_matvec.cc`'s XLA FFI targets.
+"""bfloat16 weights on the CPU: `cpu_kernels.cc`'s XLA FFI targets.
 
 XLA's CPU backend has no bfloat16 arithmetic on most x86 CPUs: it widens a bfloat16 weight
 to float32 in a memory pass of its own before the dot (or hoists that out of the decode
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 TARGET = "paligemma_bf16_matvec"
 GEMM_TARGET = "paligemma_bf16_gemm"
 ROWS_TARGET = "paligemma_bf16_rows"
-SOURCE = pathlib.Path(__file__).with_name("cpu_matvec.cc")
+SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def _build(cache_dir: pathlib.Path) -> pathlib.Path:
     raise RuntimeError(f"no C++ compiler {cxx!r} on PATH (set $CXX)")
   key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, *FLAGS, jax.__version__,
                                   _cpu_signature()]).encode()).hexdigest()[:16]
-  lib = cache_dir / f"cpu_matvec-{key}.so"
+  lib = cache_dir / f"cpu_kernels-{key}.so"
   if lib.exists():
     return lib
   cache_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@
 // table to float32 first, and in a decode loop that widening is hoisted out of the loop and
 // runs on every decode call (1 GB written for a 257k x 1024 embedding).
 //
-// Built by cpu_matvec.py with the compiler of the machine (-march=native) and registered on
+// Built by cpu_kernels.py with the compiler of the machine (-march=native) and registered on
 // the CPU platform.
 
 #include <algorithm>
