@@ -88,8 +88,8 @@ def _fail(msg):
 
 
 def _check_flags(cfg, many: bool = False) -> tuple:
-  """Checks what needs no model, before anything loads -> forbidden ids (ints). Exits 2."""
-  from paligemma_jax.pipeline import as_dtype, check_decoding_options
+  """Checks what needs no model, before anything loads -> (Sampler, forbidden ids). Exits 2."""
+  from paligemma_jax.options import as_dtype, check_decoding_options
   for field in ("dtype", "cache_dtype"):
     try:
       as_dtype(cfg[field], f"--config.{field}")
@@ -111,11 +111,11 @@ def _check_flags(cfg, many: bool = False) -> tuple:
       _fail(f"{', '.join(used)}: for a single --image run only; --images and --interactive "
             "take --sampler, --seed and --forbidden_ids")
   try:
-    check_decoding_options(_SAMPLER.value, beam_size=_BEAM.value, best_of_n=_BEST_OF_N.value,
-                           stream=_STREAM.value, forbidden_ids=forbidden)
+    return check_decoding_options(_SAMPLER.value, beam_size=_BEAM.value,
+                                  best_of_n=_BEST_OF_N.value, stream=_STREAM.value,
+                                  forbidden_ids=forbidden)
   except ValueError as e:
     _fail(str(e))
-  return tuple(forbidden)
 
 
 def _setup_jax(cfg):
@@ -133,11 +133,14 @@ def _setup_jax(cfg):
 
 def _pipeline(cfg):
   """-> (pipeline, note). Loads the checkpoint, or builds the embedded default."""
-  from paligemma_jax import checkpoint, demo
+  from paligemma_jax.ckpt import checkpoint
+  from paligemma_jax import demo
   from paligemma_jax.model import paligemma
-  from paligemma_jax.pipeline import PaliGemmaPipeline, as_dtype
-  from paligemma_jax.tokenizer import Tokenizer
-  from paligemma_jax import orbax_io, sharding
+  from paligemma_jax.options import as_dtype
+  from paligemma_jax.pipeline import PaliGemmaPipeline
+  from paligemma_jax.data.tokenizer import Tokenizer
+  from paligemma_jax.ckpt import orbax_io
+  from paligemma_jax import sharding
   try:
     mesh = sharding.mesh_from_flag(_MESH.value)
   except ValueError as e:
@@ -146,7 +149,7 @@ def _pipeline(cfg):
             max_seq_len=cfg.max_seq_len)
   kw["mesh"] = mesh
   if _CKPT.value:
-    from paligemma_jax import hf_checkpoint  # its directories may hold tokenizer.model
+    from paligemma_jax.ckpt import hf_checkpoint  # its directories may hold tokenizer.model
     if not _TOKENIZER.value and (_IMG_CKPT.value or not hf_checkpoint.is_hf_dir(_CKPT.value)):
       _fail("--ckpt needs --tokenizer=PATH (paligemma_tokenizer.model)")
     overrides = {k: v for k, v in cfg.model.items() if v is not None}
@@ -187,14 +190,14 @@ def _check_paths(**kw):
 
 
 def _write_task_outputs(text, prompt, img, vae_ckpt, output_dir):
-  from paligemma_jax import outputs
-  from paligemma_jax.model import vqvae
-  if outputs.task_of(prompt) is None:
+  from paligemma_jax.answers import outputs
+  answer = outputs.task_answer(text, prompt, (img.height, img.width),
+                               outputs.LazyVae(vae_ckpt) if vae_ckpt else None)
+  if answer is None:
     return None
-  vae_params = vqvae.load_vae(vae_ckpt) if vae_ckpt else None
-  written = outputs.write_task_outputs(text, prompt, img, output_dir, vae_params=vae_params)
-  if written.get("error"):
-    print(f"warning: {written['error']}", file=sys.stderr)
+  written = outputs.write_task_outputs(answer, img, output_dir)
+  if answer.warning:
+    print(f"warning: {answer.warning}", file=sys.stderr)
   print(f"wrote {written['annotated_png']} and {os.path.join(output_dir, 'objects.json')}")
   return written
 
@@ -204,7 +207,7 @@ def _run_many(cfg):
   from paligemma_jax import demo, interactive, jobs
   if _IMAGES.value and _INTERACTIVE.value:
     _fail("--images and --interactive do not combine")
-  forbidden = _check_flags(cfg, many=True)
+  _, forbidden = _check_flags(cfg, many=True)
 
   def load():
     _setup_jax(cfg)
@@ -231,7 +234,7 @@ def main(argv):
   if _IMAGES.value is not None or _INTERACTIVE.value:
     return _run_many(cfg)
   from paligemma_jax import demo
-  from paligemma_jax.image import ImageError, load_image
+  from paligemma_jax.data.image import ImageError, load_image
   image_path = _IMAGE.value or demo.DEMO_IMAGE
   try:
     img = load_image(image_path)
@@ -248,7 +251,7 @@ def main(argv):
     _write_task_outputs(_ANSWER.value, prompt, img, _VAE_CKPT.value, _OUTPUT_DIR.value)
     return
 
-  forbidden = _check_flags(cfg)
+  sampler, forbidden = _check_flags(cfg)
   _check_paths(output_json=_OUTPUT_JSON.value, output_dir=_OUTPUT_DIR.value,
                save_orbax=_SAVE_ORBAX.value, vae_ckpt=_VAE_CKPT.value)
   _setup_jax(cfg)
@@ -256,7 +259,7 @@ def main(argv):
   if note:
     print(f"note: {note}")
   if _SAVE_HF.value:  # every process calls it (multi-host: gathered, process 0 writes)
-    from paligemma_jax import hf_checkpoint
+    from paligemma_jax.ckpt import hf_checkpoint
     try:
       written = hf_checkpoint.save_hf(_SAVE_HF.value, pipe.params, pipe.config,
                                       pipe.tokenizer.path)
@@ -264,7 +267,7 @@ def main(argv):
     except (ValueError, OSError) as e:
       _fail(str(e))
   if _SAVE_ORBAX.value:  # every process calls it (each writes its own shards)
-    from paligemma_jax import orbax_io
+    from paligemma_jax.ckpt import orbax_io
     try:
       print(f"wrote {orbax_io.save(_SAVE_ORBAX.value, pipe.params)}")
     except (ValueError, OSError) as e:
@@ -282,7 +285,7 @@ def main(argv):
 
   try:
     [result] = pipe.generate([img], [_PROMPT.value], max_decode_len=_MAX_LEN.value,
-                             sampler=_SAMPLER.value, seed=_SEED.value,
+                             sampler=sampler, seed=_SEED.value,
                              answer_start=_ANSWER_START.value, forbidden_ids=forbidden,
                              beam_size=_BEAM.value, best_of_n=_BEST_OF_N.value,
                              on_token=on_token if _STREAM.value else None)
@@ -303,7 +306,7 @@ def main(argv):
     if written:
       record["objects"] = written.get("objects")
   if _OUTPUT_JSON.value:
-    from paligemma_jax import outputs
+    from paligemma_jax.answers import outputs
     try:
       outputs.write_json(_OUTPUT_JSON.value, record)
     except (ValueError, OSError) as e:  # ValueError: a NaN or infinity, which JSON cannot hold

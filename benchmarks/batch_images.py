@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 
@@ -23,21 +22,16 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from paligemma_jax import demo, jobs  # noqa: E402
-from paligemma_jax.model import gemma, paligemma, vit  # noqa: E402
-from paligemma_jax.image import load_image  # noqa: E402
+from benchmarks import decode as bench
+from paligemma_jax.model import paligemma  # noqa: E402
+from tests.specs import spec_config
+from paligemma_jax.data.image import load_image  # noqa: E402
 from paligemma_jax.pipeline import PaliGemmaPipeline  # noqa: E402
-from paligemma_jax.tokenizer import Tokenizer, train_tiny_tokenizer  # noqa: E402
+from paligemma_jax.data.tokenizer import Tokenizer, train_tiny_tokenizer  # noqa: E402
 
 
-def small_config() -> paligemma.PaliGemmaConfig:
-  return paligemma.PaliGemmaConfig(
-      vit=vit.ViTConfig(image_size=224, patch=14, width=384, depth=6, mlp_dim=1536, num_heads=6,
-                        out_dim=1024),
-      llm=gemma.GemmaConfig(width=1024, depth=8, mlp_dim=4096, num_heads=8, num_kv_heads=1,
-                            head_dim=128, vocab_size=257152))
-
-
-PRESETS = {"small": small_config, "tiny": demo.demo_config}
+# The `small` of benchmarks/decode.py, and the embedded demo's architecture.
+PRESETS = {"small": lambda: spec_config(bench.PRESETS["small"]), "tiny": demo.demo_config}
 
 
 def write_images(folder: str, n: int, seed: int = 0) -> list:
@@ -68,7 +62,7 @@ def main():
   t0 = time.perf_counter()
   params = paligemma.init_params(config, seed=0)
   if args.dtype != "float32":
-    from paligemma_jax.pipeline import as_dtype
+    from paligemma_jax.options import as_dtype
     params = jax.tree_util.tree_map(lambda a: a.astype(as_dtype(args.dtype)), params)
   jax.block_until_ready(params)
   init_s = time.perf_counter() - t0

@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import decode as bench  # (benchmarks/decode.py: presets, lean 3b weights)
-from paligemma_jax import decode  # noqa: E402
+from paligemma_jax.sample import decode  # noqa: E402
 from paligemma_jax.model import layouts, paligemma  # noqa: E402
 from paligemma_jax.backends import cpu, cpu_kernels  # noqa: E402
 from tests.specs import spec_config  # noqa: E402

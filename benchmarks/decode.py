@@ -32,9 +32,11 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from benchmarks import roofline
-from paligemma_jax import backends, decode
+from paligemma_jax import backends
+from paligemma_jax.sample import decode
 from paligemma_jax.model import layouts, paligemma
 from paligemma_jax.backends import cpu_kernels
+from tests import bv_fixtures
 from tests.specs import spec_config  # noqa: E402 (tests/specs.py)
 
 EOS, PAD, BOS = 1, 0, 2
@@ -44,9 +46,7 @@ _GEMMA1 = dict(gemma2=False, attn_logits_softcap=None, final_logits_softcap=None
 # Specs in tests/bv_fixtures.py's layout (what tests/hf_reference.hf_config reads).
 PRESETS = {
     # The tests' fixtures (pg1_mqa): ViT 32 x 2, Gemma 64 x 2, vocab 1536.
-    "tiny": dict(image_size=224, patch=14, vit_width=32, vit_depth=2, vit_heads=2, vit_mlp=64,
-                 llm_width=64, llm_depth=2, llm_heads=4, llm_kv_heads=1, head_dim=16,
-                 llm_mlp=128, vocab=1536, **_GEMMA1),
+    "tiny": bv_fixtures.SPECS["pg1_mqa"],
     "small": dict(image_size=224, patch=14, vit_width=384, vit_depth=6, vit_heads=6,
                   vit_mlp=1536, llm_width=1024, llm_depth=8, llm_heads=8, llm_kv_heads=1,
                   head_dim=128, llm_mlp=4096, vocab=257152, **_GEMMA1),

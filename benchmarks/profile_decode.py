@@ -13,7 +13,6 @@ import argparse
 import collections
 import glob
 import os
-import sys
 import tempfile
 
 import numpy as np

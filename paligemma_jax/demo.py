@@ -6,7 +6,7 @@ on a machine with no downloaded weights. Its weights are random, so its answers 
 import os
 
 from paligemma_jax.model import gemma, paligemma, vit
-from paligemma_jax.tokenizer import train_tiny_tokenizer
+from paligemma_jax.data.tokenizer import train_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_IMAGE = os.path.join(REPO, "assets", "demo.png")

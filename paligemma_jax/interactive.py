@@ -18,7 +18,10 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-from paligemma_jax import decode, image as image_lib, paths
+from paligemma_jax.sample import decode
+from paligemma_jax.data import image as image_lib
+from paligemma_jax import paths
+from paligemma_jax.answers import outputs
 
 PROMPT = "paligemma> "
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
@@ -53,7 +56,7 @@ class Session:
     self.answer_start = answer_start
     self.output_dir = output_dir
     self.vae_ckpt = vae_ckpt
-    self._vae_params = None
+    self._vae = outputs.LazyVae(vae_ckpt) if vae_ckpt else None  # read at the first segment
     self.turn = 0
     self.last_picture = None
 
@@ -173,27 +176,19 @@ class Session:
     self._picture(r.text, prompt)
 
   def _picture(self, text, prompt):
-    from paligemma_jax import outputs
-    if outputs.task_of(prompt) is None:
-      return
-    vae = None
-    if outputs.task_of(prompt) == "segment" and self.vae_ckpt:
-      if self._vae_params is None:
-        from paligemma_jax.model import vqvae
-        try:
-          self._vae_params = vqvae.load_vae(self.vae_ckpt)
-        except (FileNotFoundError, ValueError) as e:
-          self.error(str(e))
-      vae = self._vae_params
-    if self.output_dir is None:
-      self.output_dir = tempfile.mkdtemp(prefix="paligemma_session_")
-    folder = os.path.join(self.output_dir, f"turn_{self.turn:03d}")
     try:
-      written = outputs.write_task_outputs(text, prompt, self.image, folder, vae_params=vae)
+      answer = outputs.task_answer(text, prompt, (self.image.height, self.image.width),
+                                   self._vae)
+      if answer is None:
+        return
+      if self.output_dir is None:
+        self.output_dir = tempfile.mkdtemp(prefix="paligemma_session_")
+      folder = os.path.join(self.output_dir, f"turn_{self.turn:03d}")
+      written = outputs.write_task_outputs(answer, self.image, folder)
     except Exception as e:  # noqa: BLE001 -- drawing must not end the session
       return self.error(f"could not draw the answer: {type(e).__name__}: {e}")
-    if written.get("error"):
-      self.say(f"warning: {written['error']}")
+    if answer.warning:
+      self.say(f"warning: {answer.warning}")
     self.last_picture = written["annotated_png"]
     self.say(f"{len(written['objects'])} objects; picture: {self.last_picture}")
 

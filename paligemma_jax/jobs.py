@@ -29,8 +29,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from paligemma_jax import image as image_lib
-from paligemma_jax import outputs, paths
+from paligemma_jax.data import image as image_lib
+from paligemma_jax.answers import outputs
+from paligemma_jax import paths
 
 try:
   import fcntl
@@ -300,60 +301,6 @@ class ResultWriter:
 
 
 # ---------------------------------------------------------------------------
-# Detection / segmentation answers in the JSONL.
-
-def rle_encode(mask: np.ndarray) -> dict:
-  """(h, w) bool -> COCO uncompressed RLE: {"size": [h, w], "counts": [...]}.
-
-  Run lengths over the column-major (Fortran-order) pixels, starting with a run of 0s.
-  """
-  flat = np.asarray(mask, bool).ravel(order="F")
-  change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-  bounds = np.concatenate([[0], change, [flat.size]])
-  counts = np.diff(bounds).tolist()
-  if flat.size and flat[0]:
-    counts = [0] + counts
-  return {"size": list(mask.shape), "counts": counts}
-
-
-def rle_decode(rle: dict) -> np.ndarray:
-  """Inverse of `rle_encode`."""
-  h, w = rle["size"]
-  values = np.arange(len(rle["counts"])) % 2 == 1
-  return np.repeat(values, rle["counts"]).reshape((h, w), order="F")
-
-
-def task_fields(text: str, prompt: str, image_hw, vae_params=None) -> Optional[dict]:
-  """For detect/segment prompts: {"objects": [...], "skipped": [...]}; None otherwise.
-
-  Each object: label, box [y1, x1, y2, x2] in pixels, box_normalized, and for a segment its
-  16 seg_codes plus, when `vae_params` are given, its full-size mask as `mask_rle`.
-  """
-  if outputs.task_of(prompt) is None:
-    return None
-  objects, skipped = outputs.parse_answer(text, image_hw)
-  result = {"objects": [], "skipped": [{"text": s.text, "reason": s.reason} for s in skipped]}
-  seg = [i for i, o in enumerate(objects) if o.seg_codes is not None]
-  masks = {}
-  if seg and vae_params is None:
-    result["warning"] = "segment answer: no --vae_ckpt, so masks are not decoded (seg_codes kept)"
-  elif seg:
-    from paligemma_jax.model import vqvae
-    codes = np.array([objects[i].seg_codes for i in seg], np.int32)
-    for i, m64 in zip(seg, vqvae.decode_masks(vae_params, codes)):
-      masks[i] = outputs.paste_mask(m64, objects[i].box, image_hw)
-  for i, o in enumerate(objects):
-    entry = {"label": o.label, "box": [float(v) for v in o.box],
-             "box_normalized": [float(v) for v in o.box_normalized]}
-    if o.seg_codes is not None:
-      entry["seg_codes"] = list(o.seg_codes)
-    if i in masks:
-      entry["mask_rle"] = rle_encode(masks[i])
-    result["objects"].append(entry)
-  return result
-
-
-# ---------------------------------------------------------------------------
 # Decoding ahead of the device.
 
 @dataclasses.dataclass
@@ -473,13 +420,7 @@ def run_job(make_pipeline: Callable, images: str, prompt: str, output_jsonl: str
       sampler, forbidden_ids = pipe.check_decoding(sampler, forbidden_ids=forbidden_ids)
     except ValueError as e:
       raise JobError(str(e)) from None
-    vae_params = None
-    if vae_ckpt and any(outputs.task_of(it.prompt) == "segment" for it in todo):
-      from paligemma_jax.model import vqvae
-      try:
-        vae_params = vqvae.load_vae(vae_ckpt)
-      except (FileNotFoundError, ValueError) as e:
-        raise JobError(str(e)) from None
+    vae = outputs.LazyVae(vae_ckpt) if vae_ckpt else None  # read at the first segment
     if replaced:  # their error lines go; each gets a new line below
       gone = {id(rec) for rec in replaced}
       writer.rewrite([line for rec, line in done if id(rec) not in gone])
@@ -531,7 +472,7 @@ def run_job(make_pipeline: Callable, images: str, prompt: str, output_jsonl: str
               emit(dict(index=d.item.index, image=d.item.image, prompt=d.item.prompt,
                         error=f"{GENERATE_FAILED}{type(e).__name__}: {e}"), error=True)
         for d, r in results:
-          emit(_result_record(d, r, output_dir, vae_params))
+          emit(_result_record(d, r, output_dir, vae))
     bar.close()
     summary["seconds"] = time.perf_counter() - t0
     done = summary["results"] + summary["errors"]
@@ -542,19 +483,20 @@ def run_job(make_pipeline: Callable, images: str, prompt: str, output_jsonl: str
     return summary
 
 
-def _result_record(d: Decoded, r, output_dir, vae_params) -> dict:
+def _result_record(d: Decoded, r, output_dir, vae) -> dict:
+  """The JSONL line of one answer; a detect/segment answer is parsed (and its masks
+  decoded) once, for both its fields here and its pictures in `output_dir`."""
   item = d.item
   rec = dict(index=item.index, image=item.image, prompt=item.prompt, text=r.text,
              tokens=r.tokens)
   try:
-    fields = task_fields(r.text, item.prompt, d.hw, vae_params)
-    if fields is not None:
-      rec.update(fields)
+    answer = outputs.task_answer(r.text, item.prompt, d.hw, vae)
+    if answer is not None:
+      rec.update(outputs.answer_fields(answer))
       if output_dir:
         stem = os.path.splitext(os.path.basename(item.image))[0] or "image"
         sub = os.path.join(output_dir, f"{item.index:06d}_{stem}")
-        written = outputs.write_task_outputs(r.text, item.prompt, d.picture, sub,
-                                             vae_params=vae_params)
+        written = outputs.write_task_outputs(answer, d.picture, sub)
         rec["output_dir"] = sub
         rec["annotated_png"] = written["annotated_png"]
         for entry, w in zip(rec["objects"], written.get("objects", [])):

@@ -85,7 +85,7 @@ def check_vae(path: str, flag: str = "--vae_ckpt"):
   try:
     with zipfile.ZipFile(path) as z:
       names = set(z.namelist())
-      for key, shape in vqvae.VAE_SHAPES.items():
+      for key, shape in vqvae.vae_keys(("decoder",)).items():
         if f"{key}.npy" not in names:
           raise PathError(f"{_name(path, flag)}: key '{key}' missing (expected shape {shape}); "
                           "not the VQ-VAE checkpoint vae-oid.npz")

@@ -6,7 +6,6 @@
 """
 import dataclasses
 import functools
-import numbers
 import time
 from typing import Callable, Optional, Sequence
 
@@ -14,34 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paligemma_jax import beam_search, checkpoint, decode, image as image_lib
+from paligemma_jax.sample import beam_search, decode
+from paligemma_jax.ckpt import checkpoint
+from paligemma_jax.data import image as image_lib
 from paligemma_jax.model import layouts, paligemma
 from paligemma_jax import backends, sharding
-from paligemma_jax.tokenizer import Tokenizer
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def as_dtype(name, field: str = "dtype"):
-  """'float32' | 'bfloat16' | 'float16' (or a dtype) -> dtype; field names the setting in errors."""
-  if not isinstance(name, str):
-    return name
-  if name not in DTYPES:
-    raise ValueError(f"unknown {field} {name!r}; choose one of {', '.join(DTYPES)}")
-  return DTYPES[name]
-
+from paligemma_jax.options import as_dtype, check_decoding_options, check_integer
+from paligemma_jax.data.tokenizer import Tokenizer
 
 class NonFiniteError(ValueError):
   """The model computed NaN or infinite logits: damaged weights, or a float16 overflow."""
-
-
-def check_integer(value, name: str, minimum: int, hint: str = "") -> int:
-  """value as an int; ValueError unless it is an integer (not a bool) >= minimum."""
-  if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-    raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-  if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}{hint}, got {value}")
-  return int(value)
 
 
 def check_inputs(images, prompts, answer_start=None):
@@ -63,38 +44,6 @@ def check_inputs(images, prompts, answer_start=None):
       raise ValueError(f"prompt {i} must be a string, got {type(p).__name__} {p!r}")
   if answer_start is not None and not isinstance(answer_start, str):
     raise ValueError(f"answer_start must be a string or None, got {type(answer_start).__name__}")
-
-
-def check_decoding_options(sampler="greedy", *, beam_size: int = 0, best_of_n: int = 1,
-                           stream: bool = False, forbidden_ids=()):
-  """The checks of a decoding request that need no model -> (Sampler, sorted forbidden ids).
-
-  Raises ValueError for combinations that would be ignored or give a misleading answer.
-  """
-  if isinstance(sampler, str):
-    sampler = decode.parse_sampler(sampler)
-  elif not isinstance(sampler, decode.Sampler):
-    raise ValueError(f"sampler must be a string such as 'greedy' or 'nucleus(0.9)', or a "
-                     f"decode.Sampler; got {sampler!r}")
-  beam_size = check_integer(beam_size, "beam_size", 0, " (0: sample, N: N beams)")
-  best_of_n = check_integer(best_of_n, "best_of_n", 1)
-  if beam_size and best_of_n > 1:
-    raise ValueError(f"beam search (beam_size={beam_size}) does not combine with best_of_n="
-                     f"{best_of_n}: beams are already ranked by log-probability; drop one of them")
-  if beam_size and stream:
-    raise ValueError(f"beam search (beam_size={beam_size}) cannot stream: the best beam is "
-                     "known only at the end")
-  if beam_size and sampler.kind != "greedy":
-    raise ValueError(f"beam search (beam_size={beam_size}) keeps the most likely beams and "
-                     f"draws no samples: sampler {sampler} would be ignored; drop one of them")
-  if stream and best_of_n > 1:
-    # The stream would show one draw while the answer is the most likely of n, picked at the end.
-    raise ValueError(f"streaming shows one sample as it is drawn, but best_of_n={best_of_n} "
-                     "picks the answer among the samples only at the end; drop one of them")
-  for i in forbidden_ids:
-    if not isinstance(i, numbers.Integral) or isinstance(i, bool) or i < 0:
-      raise ValueError(f"forbidden_ids: each must be a token id >= 0, got {i!r}")
-  return sampler, tuple(sorted({int(i) for i in forbidden_ids}))
 
 
 @dataclasses.dataclass
@@ -157,7 +106,7 @@ class PaliGemmaPipeline:
     An `.npz` on one device goes straight into the inference tree, layer by layer off the
     memory map; otherwise each stacked array is split after loading (one extra array alive
     at a time)."""
-    from paligemma_jax import hf_checkpoint, orbax_io
+    from paligemma_jax.ckpt import hf_checkpoint, orbax_io
     t0 = time.perf_counter()
     one_device = kw.get("mesh") is None
     require_commit_marker = kw.pop("require_commit_marker", True)
@@ -189,16 +138,22 @@ class PaliGemmaPipeline:
   def make_batch(self, images: Sequence, prompts: Sequence[str], answer_start=None):
     """-> dict of host arrays: images (B,S,S,3), text/input_mask/mask_ar (B,T_bucket)."""
     check_inputs(images, prompts, answer_start)
-    size = self.config.image_size
-    pixels = np.stack([image_lib.preprocess(im, size) for im in images])
-    rows = [self.tokenizer.prompt(p, answer_start) for p in prompts]
+    return self._batch(self._pixels(images),
+                       [self.tokenizer.prompt(p, answer_start) for p in prompts])
+
+  def _pixels(self, images) -> list:
+    return [image_lib.preprocess(im, self.config.image_size) for im in images]
+
+  def _batch(self, pixels: list, rows: list) -> dict:
+    """Preprocessed images and tokenized prompts ((tokens, mask_ar), `tokenizer.prompt`), one
+    of each per row -> `make_batch`'s arrays."""
     width = self.padded_length(max(len(t) for t, _ in rows))
     text = np.full((len(rows), width), self.tokenizer.pad_id, np.int32)
     input_mask = np.zeros((len(rows), width), bool)
     mask_ar = np.ones((len(rows), width), np.int32)  # padding counts as suffix, as big_vision
     for i, (t, m) in enumerate(rows):
       text[i, :len(t)], input_mask[i, :len(t)], mask_ar[i, :len(t)] = t, True, m
-    return dict(images=pixels, text=text, input_mask=input_mask, mask_ar=mask_ar)
+    return dict(images=np.stack(pixels), text=text, input_mask=input_mask, mask_ar=mask_ar)
 
   def logits(self, pixels, text, mask_ar, input_mask=None):
     """Teacher-forced float32 text logits (B, T, V) of the loaded model: pixels (B, S, S, 3)
@@ -329,11 +284,11 @@ class PaliGemmaPipeline:
         sampler, beam_size=beam_size, best_of_n=best_of_n, stream=on_token is not None,
         forbidden_ids=forbidden_ids)
     rng = decode.seed_key(seed)
-    longest = max(len(self.tokenizer.prompt(p, answer_start)[0]) for p in prompts)
-    self.check_request(longest, max_decode_len)
+    rows = [self.tokenizer.prompt(p, answer_start) for p in prompts]  # once per request
+    self.check_request(max(len(t) for t, _ in rows), max_decode_len)
     n = best_of_n
-    batch = self.make_batch([im for im in images for _ in range(n)],
-                            [p for p in prompts for _ in range(n)], answer_start)
+    pixels = self._pixels(images)
+    batch = self._batch([x for x in pixels for _ in range(n)], [r for r in rows for _ in range(n)])
     b, width = batch["text"].shape
     strategy = ("beam", beam_size) if beam_size else ("sample", sampler)
     prefill, dec, compile_s = self._functions(b, width, max_decode_len, strategy, forbidden,

@@ -324,7 +324,7 @@ def place_host_array(host: np.ndarray, target: jax.sharding.Sharding, dtype) -> 
 def load_npz_sharded(path: str, mesh: Mesh, dtype=np.float32,
                      overrides: Optional[Mapping] = None):
   """`checkpoint.load_npz` onto a mesh: each array goes straight to its rule's sharding."""
-  from paligemma_jax import checkpoint
+  from paligemma_jax.ckpt import checkpoint
   path = str(path)
   index, config = checkpoint.npz_config(path, overrides)
   flat = dict(checkpoint.read_npz(path, index, lambda key, host: place_host_array(

@@ -1,13 +1,11 @@
 """Shared fixtures: tiny big_vision checkpoints (written by bv_fixtures, not by the model
 code), a tiny sentencepiece tokenizer with the loc/seg pieces, and a test image."""
-import os
-import sys
 
 import numpy as np
 import pytest
 
 from tests import bv_fixtures
-from paligemma_jax.tokenizer import Tokenizer, train_tiny_tokenizer  # noqa: E402
+from paligemma_jax.data.tokenizer import Tokenizer, train_tiny_tokenizer  # noqa: E402
 from tests.specs import spec_config  # noqa: E402,F401 (tests import it from here)
 
 SPEC_NAMES = tuple(bv_fixtures.SPECS)
@@ -53,6 +51,43 @@ def test_image():
   img = np.stack([x * 255 // 300, y * 255 // 200, (x + y) % 256], -1).astype(np.float64)
   img += rng.normal(0, 20, img.shape)
   return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def spec_pipeline(name: str, tokenizer, seed: int = 0, edit=None, **kw):
+  """A pipeline on `bv_fixtures.make_params(SPECS[name], seed)` (`edit(flat)` may change the
+  arrays first); float32 KV cache unless kw says otherwise."""
+  from flax import traverse_util
+  import jax.numpy as jnp
+  from paligemma_jax.pipeline import PaliGemmaPipeline
+  spec = bv_fixtures.SPECS[name]
+  flat = bv_fixtures.make_params(spec, seed=seed)
+  if edit:
+    edit(flat)
+  params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
+  return PaliGemmaPipeline(spec_config(spec), params, tokenizer,
+                           **{"cache_dtype": "float32", **kw})
+
+
+def demo_pipeline(tokenizer, **kw):
+  """A pipeline on the embedded demo's architecture (random weights, seed 0); float32 KV cache
+  unless kw says otherwise."""
+  from paligemma_jax import demo
+  from paligemma_jax.model import paligemma
+  from paligemma_jax.pipeline import PaliGemmaPipeline
+  config = demo.demo_config()
+  return PaliGemmaPipeline(config, paligemma.init_params(config, seed=0), tokenizer,
+                           **{"cache_dtype": "float32", **kw})
+
+
+@pytest.fixture(scope="session")
+def demo_pipe(tokenizer):
+  return demo_pipeline(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def pg2_pipe(tokenizer):
+  """PaliGemma 2 (GQA, softcaps) at the fixtures' tiny sizes, float32 cache."""
+  return spec_pipeline("pg2_gqa", tokenizer, seed=3)
 
 
 def spec_overrides(spec) -> dict:

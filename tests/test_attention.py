@@ -5,7 +5,7 @@ import pytest
 
 from tests.conftest import spec_config
 from tests import bv_fixtures
-from paligemma_jax import decode
+from paligemma_jax.sample import decode
 from paligemma_jax.model import gemma, layouts, paligemma
 
 

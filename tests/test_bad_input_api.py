@@ -3,27 +3,22 @@ wrong, before anything compiles; what a user plausibly passes gives the same ans
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 from PIL import Image
 
 from tests import bv_fixtures
-from tests.conftest import spec_config
-from paligemma_jax import decode, image, pipeline
-from paligemma_jax.pipeline import PaliGemmaPipeline
-from paligemma_jax.tokenizer import Tokenizer
+from tests.conftest import spec_pipeline
+from paligemma_jax.sample import decode
+from paligemma_jax.data import image
+from paligemma_jax import pipeline
+from paligemma_jax.data.tokenizer import Tokenizer
 
 SPEC = bv_fixtures.SPECS["pg1_mqa"]
 
 
 def _pipe(tokenizer, edit=None):
-  flat = bv_fixtures.make_params(SPEC, seed=5)
-  if edit:
-    edit(flat)
-  params = jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict(flat, sep="/"))
-  return PaliGemmaPipeline(spec_config(SPEC), params, tokenizer, cache_dtype="float32")
+  return spec_pipeline("pg1_mqa", tokenizer, seed=5, edit=edit)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,7 @@ import pytest
 from PIL import Image
 
 from tests import bv_fixtures
-from paligemma_jax import demo, jobs
-from paligemma_jax.model import paligemma
-from paligemma_jax.pipeline import PaliGemmaPipeline
+from paligemma_jax import jobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,8 +97,8 @@ def test_orbax_save_that_fails_anyway_raises_and_the_process_exits(tmp_path, ckp
   """Orbax's own failure (the checks bypassed): a CheckpointError, and no thread left waiting."""
   (tmp_path / "f").write_text("")
   script = textwrap.dedent(f"""
-      from paligemma_jax import checkpoint, orbax_io
-      from paligemma_jax.checkpoint import CheckpointError
+      from paligemma_jax.ckpt import checkpoint, orbax_io
+      from paligemma_jax.ckpt.checkpoint import CheckpointError
       try:  # as if the target went bad after the check
         from paligemma_jax import paths
         paths.check_new_dir = lambda path, what: path
@@ -219,11 +217,9 @@ def test_output_paths_and_vae_are_checked_before_loading(case, tmp_path, home, m
 # ---------------------------------------------------------------------------
 # 7. Batch jobs retry the inputs that ended in an error.
 
-@pytest.fixture(scope="module")
-def pipe(tokenizer):
-  config = demo.demo_config()
-  return PaliGemmaPipeline(config, paligemma.init_params(config, seed=0), tokenizer,
-                           cache_dtype="float32")
+@pytest.fixture
+def pipe(demo_pipe):
+  return demo_pipe
 
 
 def _records(path):
@@ -286,7 +282,7 @@ def test_job_output_dir_that_is_a_file_stops_the_job_at_start(tmp_path):
 # 5 (part). Every JSON written is strict JSON.
 
 def test_results_are_strict_json(tmp_path):
-  from paligemma_jax import outputs
+  from paligemma_jax.answers import outputs
   with pytest.raises(ValueError, match=r"logprobs\[1\] is nan"):
     outputs.dumps_strict({"text": "a", "logprobs": [0.5, float("nan")]})
   with jobs.ResultWriter(str(tmp_path / "o.jsonl")) as w:
@@ -321,7 +317,7 @@ def test_non_finite_weights_never_write_invalid_json(tmp_path, home, tokenizer):
 
 @pytest.fixture(scope="module")
 def orbax_dir(tmp_path_factory, ckpt_path):
-  from paligemma_jax import checkpoint, orbax_io
+  from paligemma_jax.ckpt import checkpoint, orbax_io
   return orbax_io.save(tmp_path_factory.mktemp("orbax") / "ckpt",
                        checkpoint.load_npz(ckpt_path("pg1_mqa")).params)
 

@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from tests import bv_fixtures
 from tests.conftest import SPEC_NAMES, spec_config, spec_overrides
-from paligemma_jax import checkpoint
+from paligemma_jax.ckpt import checkpoint
 from paligemma_jax.model import paligemma
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,7 +190,7 @@ _MEMORY_PROBE = textwrap.dedent("""
         if line.startswith('RssAnon:'):
           return int(line.split()[1]) * 1024
 
-    from paligemma_jax import checkpoint
+    from paligemma_jax.ckpt import checkpoint
     jax.device_put(np.zeros(4)).block_until_ready()
     base, peak, running = anon(), [0], [True]
     def sample():
@@ -321,7 +321,7 @@ def test_flipped_byte_in_compressed_member_is_refused(tmp_path, ckpt_path):
 
 
 def test_flipped_byte_in_vision_tower_npz_is_refused(tmp_path, flat_params, ckpt_path):
-  from paligemma_jax import orbax_io
+  from paligemma_jax.ckpt import orbax_io
   from tests.test_orbax import write_gemma_release
   gemma_dir = write_gemma_release(tmp_path / "gemma", flat_params["pg1_mqa"],
                                   transpose_gating=False)

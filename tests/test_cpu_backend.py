@@ -16,7 +16,8 @@ import pytest
 from tests import bv_fixtures
 from tests import hf_reference
 from tests.conftest import spec_overrides
-from paligemma_jax import checkpoint, image
+from paligemma_jax.ckpt import checkpoint
+from paligemma_jax.data import image
 from paligemma_jax.backends import cpu, cpu_kernels
 from paligemma_jax.model import gemma, layouts, paligemma
 from paligemma_jax.pipeline import PaliGemmaPipeline

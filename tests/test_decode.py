@@ -3,13 +3,11 @@ independent, samplers validate their arguments."""
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import bv_fixtures
-from tests.conftest import spec_config
-from paligemma_jax import decode, outputs
+from paligemma_jax.sample import decode
+from paligemma_jax.answers import outputs
 from paligemma_jax.pipeline import PaliGemmaPipeline
 
 
@@ -26,13 +24,9 @@ def compilations(monkeypatch):
   return seen
 
 
-@pytest.fixture(scope="module")
-def pipe(tokenizer):
-  spec = bv_fixtures.SPECS["pg2_gqa"]
-  params = jax.tree_util.tree_map(
-      jnp.asarray, __import__("flax").traverse_util.unflatten_dict(
-          bv_fixtures.make_params(spec, seed=3), sep="/"))
-  return PaliGemmaPipeline(spec_config(spec), params, tokenizer, cache_dtype="float32")
+@pytest.fixture
+def pipe(pg2_pipe):
+  return pg2_pipe
 
 
 def test_decode_is_one_while_loop(pipe, test_image):

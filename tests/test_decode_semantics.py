@@ -6,16 +6,13 @@ Most tests call `decode.decode` directly (not the pipeline) so they can choose t
 read the loop's final state (`step`, per-row `done`, padded `tokens`)."""
 import functools
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import bv_fixtures
-from tests.conftest import spec_config
-from paligemma_jax import beam_search, decode
-from paligemma_jax.pipeline import PaliGemmaPipeline
+from tests.conftest import spec_pipeline
+from paligemma_jax.sample import beam_search, decode
 
 M = 12  # max_decode_len
 PROMPTS = ("caption en", "answer en what is in the image ? how many people are there ?")
@@ -23,22 +20,14 @@ NEVER = -1  # an eos id no token equals: every row runs all M steps
 ARGMAX_RTOL = 1e-4  # float32: a token is "the argmax" if within 1e-4 * max|logit| of the max
 
 
-@pytest.fixture(scope="module")
-def pg2():
-  spec = bv_fixtures.SPECS["pg2_gqa"]
-  flat = bv_fixtures.make_params(spec, seed=3)
-  return spec_config(spec), jax.tree_util.tree_map(
-      jnp.asarray, flax.traverse_util.unflatten_dict(flat, sep="/"))
+@pytest.fixture
+def pipe(pg2_pipe):
+  return pg2_pipe
 
 
 @pytest.fixture(scope="module")
-def pipe(pg2, tokenizer):
-  return PaliGemmaPipeline(pg2[0], pg2[1], tokenizer, cache_dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def pipe_bf16_cache(pg2, tokenizer):
-  return PaliGemmaPipeline(pg2[0], pg2[1], tokenizer, cache_dtype="bfloat16")
+def pipe_bf16_cache(tokenizer):
+  return spec_pipeline("pg2_gqa", tokenizer, seed=3, cache_dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +150,22 @@ def test_forbidden_greedy_choice_is_never_emitted(pipe, images, free, tokenizer)
   # Row 1 never chose x: the ban leaves it alone.
   assert x not in free.tokens[1]
   np.testing.assert_array_equal(s.tokens[1], free.tokens[1])
+
+
+def test_logprobs_are_the_models_before_forbidden_ids_are_removed(pipe, images, free, tokenizer):
+  """As big_vision: banning a likely token that greedy never emits (the most likely after row
+  0's first choice that appears nowhere in the batch) leaves every token and its
+  log-probability (the model's, over the whole vocabulary) unchanged; renormalised over the
+  allowed ids they would rise by -log(1 - p(banned)) at that step."""
+  prompt, mask = tokenizer.prompt(PROMPTS[0])
+  logits = _teacher_forced(pipe, images[0], prompt, mask, free.tokens[0, :1])[0]
+  banned = next(int(i) for i in np.argsort(-logits)[1:] if i not in free.tokens)
+  p_banned = float(jax.nn.softmax(logits)[banned])
+  assert p_banned > 1e-3, p_banned
+  s = _decode(pipe, images, PROMPTS, eos_id=NEVER, forbidden_ids=(banned,))
+  np.testing.assert_array_equal(s.tokens, free.tokens)
+  # Renormalised, row 0's first score would move by -log(1 - p) > 1e-3, far above 1e-6.
+  np.testing.assert_allclose(s.logprobs, free.logprobs, rtol=0, atol=1e-6)
 
 
 def test_forced_answer_start_is_continued(pipe, images, tokenizer):

@@ -1,4 +1,4 @@
-"""transformers PaliGemma directories in and out (paligemma_jax/hf_checkpoint.py).
+"""transformers PaliGemma directories in and out (paligemma_jax/ckpt/hf_checkpoint.py).
 
 The directories here are written by the real client: tiny random
 `PaliGemmaForConditionalGeneration` models (tests/hf_reference.py, from the fixture specs)
@@ -22,20 +22,18 @@ from flax import traverse_util
 from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
 from tests import bv_fixtures, hf_reference
+from tests.numerics import rel_err
 from tests.conftest import spec_config, spec_overrides
-from paligemma_jax import checkpoint, hf_checkpoint, image
+from paligemma_jax.ckpt import checkpoint, hf_checkpoint
+from paligemma_jax.data import image
 from paligemma_jax.model import layouts, paligemma
-from paligemma_jax.checkpoint import CheckpointError
+from paligemma_jax.ckpt.checkpoint import CheckpointError
 from paligemma_jax.pipeline import PaliGemmaPipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("pg1_mqa", "pg2_gqa", "mha")  # Gemma 1 MQA, Gemma 2 GQA + softcaps, MHA (qkv_einsum)
 F32_TOLERANCE = 1e-4
 SHARD = "100KB"  # the fixtures are ~0.9 MB in float32: 9+ shards
-
-
-def rel_err(ours, ref):
-  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +142,8 @@ def test_pipeline_greedy_tokens_match_transformers(hf_dirs, tokenizer, test_imag
 
 def test_load_onto_a_mesh(hf_dirs, flat_params):
   """orbax_io.load (what a --mesh run calls) dispatches a directory to load_hf."""
-  from paligemma_jax import orbax_io, sharding
+  from paligemma_jax.ckpt import orbax_io
+  from paligemma_jax import sharding
   loaded = orbax_io.load(hf_dirs("pg2_gqa"), mesh=sharding.make_mesh(1, 1))
   key = "llm/layers/attn/kv_einsum/w"
   assert loaded.params["llm"]["layers"]["attn"]["kv_einsum"]["w"].sharding.mesh.shape == {
@@ -374,7 +373,7 @@ _PROBE = textwrap.dedent("""
         if line.startswith('RssAnon:'):
           return int(line.split()[1]) * 1024
 
-    from paligemma_jax import hf_checkpoint
+    from paligemma_jax.ckpt import hf_checkpoint
     jax.device_put(np.zeros(4)).block_until_ready()
     base, peak, running = anon(), [0], [True]
     def sample():

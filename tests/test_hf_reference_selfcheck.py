@@ -10,8 +10,6 @@ mask must really be the prefix-LM one.
 from __future__ import annotations
 
 import functools
-import os
-import sys
 
 import ml_dtypes
 import numpy as np
@@ -20,6 +18,7 @@ import torch
 
 from tests import bv_fixtures as F
 from tests import hf_reference as R
+from tests.numerics import rel_err, softmax
 
 SPEC_NAMES = list(F.SPECS)
 VIT = "img/Transformer/encoderblock/"
@@ -41,12 +40,6 @@ def layer_norm(x, scale, bias, eps=1e-6):
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
     return (x - mu) / np.sqrt(var + eps) * scale + bias
-
-
-def softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(-1, keepdims=True)
 
 
 def np_vit(p, spec, images):
@@ -157,10 +150,6 @@ def images(name, batch=1, seed=0):
 # bos + 5 prefix tokens + separator ("\n" is 108 in the real tokenizer) + 4 suffix tokens.
 IDS = np.array([[2, 700, 31, 1402, 955, 64, 108, 1200, 5, 1535, 77]])
 MASK_AR = np.array([[0] * 7 + [1] * 4])
-
-
-def rel_err(a, b):
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 # --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from paligemma_jax import image
+from paligemma_jax.data import image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,7 +114,7 @@ def _png(path, width, height, rgb=False, rows=True):
 
 _PEAK_PROBE = """
 import sys
-from paligemma_jax import image
+from paligemma_jax.data import image
 def hwm():
   return int([l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]) * 1024
 base = hwm()

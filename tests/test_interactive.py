@@ -13,8 +13,8 @@ import pexpect.fdpexpect
 import pytest
 from PIL import Image
 
-from paligemma_jax import demo, interactive, pipeline
-from paligemma_jax.model import paligemma
+from tests.conftest import demo_pipeline
+from paligemma_jax import interactive, options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_IMAGE = os.path.join(REPO, "assets", "demo.png")
@@ -28,7 +28,7 @@ class FakePipe:
     self.calls = []
 
   def check_decoding(self, sampler, **kw):  # as the pipeline's, for a 1400-piece vocabulary
-    sampler, forbidden = pipeline.check_decoding_options(sampler, **kw)
+    sampler, forbidden = options.check_decoding_options(sampler, **kw)
     if sampler.kind == "topk" and sampler.k > 1400:
       raise ValueError(f"k={sampler.k} exceeds the 1400 token ids left to generate")
     return sampler, forbidden
@@ -108,8 +108,7 @@ def test_bad_start_arguments(capsys):
 
 
 def test_options_beyond_the_vocabulary_stop_the_session_before_compiling(tokenizer, capsys):
-  config = demo.demo_config()
-  pipe = pipeline.PaliGemmaPipeline(config, paligemma.init_params(config, seed=0), tokenizer)
+  pipe = demo_pipeline(tokenizer, cache_dtype="bfloat16")
   for kw, message in [(dict(sampler="topk(1401)"), "k=1401 exceeds the 1400 token ids"),
                       (dict(forbidden_ids=(1536,)), "1536 is not a token id of this model")]:
     assert interactive.main(lambda: pipe, DEMO_IMAGE, **kw) == 2

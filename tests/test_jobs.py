@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from paligemma_jax import demo, jobs
-from paligemma_jax.model import paligemma
-from paligemma_jax.image import load_image
-from paligemma_jax.pipeline import PaliGemmaPipeline
+from paligemma_jax import jobs
+from paligemma_jax.data.image import load_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,11 +42,9 @@ def _lines(path):
   return [json.loads(line) for line in data.decode().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def pipe(tokenizer):
-  config = demo.demo_config()
-  return PaliGemmaPipeline(config, paligemma.init_params(config, seed=0), tokenizer,
-                           cache_dtype="float32")
+@pytest.fixture
+def pipe(demo_pipe):
+  return demo_pipe
 
 
 # ---------------------------------------------------------------------------
@@ -112,44 +108,6 @@ def test_writer_lock_refuses_a_second_job(tmp_path):
     with pytest.raises(jobs.JobError, match="another job"):
       jobs.ResultWriter(path)
   assert _lines(path) == [{"image": "a", "prompt": "p"}]
-
-
-def test_rle_roundtrip():
-  rng = np.random.default_rng(0)
-  for mask in [rng.random((7, 5)) > 0.5, np.ones((3, 4), bool), np.zeros((2, 2), bool)]:
-    rle = jobs.rle_encode(mask)
-    assert sum(rle["counts"]) == mask.size and rle["size"] == list(mask.shape)
-    np.testing.assert_array_equal(jobs.rle_decode(rle), mask)
-  assert jobs.rle_encode(np.array([[True, False]]))["counts"] == [0, 1, 1]
-
-
-def test_task_fields_boxes_and_masks(monkeypatch):
-  from paligemma_jax import outputs
-  from paligemma_jax.model import vqvae
-  assert jobs.task_fields("a cat", "caption en", (100, 200)) is None
-  det = jobs.task_fields("<loc0000><loc0000><loc0511><loc1023> cat ; junk", "detect cat",
-                         (100, 200))
-  [obj] = det["objects"]
-  assert obj["label"] == "cat" and obj["box"] == pytest.approx([0, 0, 511 / 1023 * 100, 200])
-  assert "mask_rle" not in obj and det["skipped"][0]["text"] == "junk"
-
-  seg = "<loc0100><loc0100><loc0900><loc0900>" + "".join(f"<seg{i:03d}>" for i in range(16)) + " dog"
-  no_vae = jobs.task_fields(seg, "segment dog", (64, 48))
-  assert no_vae["objects"][0]["seg_codes"] == list(range(16)) and "warning" in no_vae
-  # The VQ-VAE itself is tested in test_vqvae.py; here a fixed decoder output (no compile).
-  mask64 = np.where(np.arange(64)[:, None] < np.arange(64)[None, :], 1.0, -1.0).astype(np.float32)
-  calls = []
-
-  def fake_decode(params, codes):
-    calls.append((params, np.asarray(codes).tolist()))
-    return np.stack([mask64] * len(codes))
-  monkeypatch.setattr(vqvae, "decode_masks", fake_decode)
-  [obj] = jobs.task_fields(seg, "segment dog", (64, 48), "VAE")["objects"]
-  assert calls == [("VAE", [list(range(16))])]
-  objects, _ = outputs.parse_answer(seg, (64, 48))
-  expected = outputs.paste_mask(mask64, objects[0].box, (64, 48))
-  assert 0 < expected.sum() < expected.size
-  np.testing.assert_array_equal(jobs.rle_decode(obj["mask_rle"]), expected)
 
 
 # ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from flax import traverse_util
 
 from tests import bv_fixtures
 from tests.conftest import SPEC_NAMES, spec_config
-from paligemma_jax import checkpoint
+from paligemma_jax.ckpt import checkpoint
 import contextlib
 
 from paligemma_jax.backends import cpu, out_major as out_major_backend

@@ -9,8 +9,8 @@ import pytest
 
 from tests.conftest import spec_overrides
 from tests import bv_fixtures
-from paligemma_jax import checkpoint
-from paligemma_jax.image import load_image
+from paligemma_jax.ckpt import checkpoint
+from paligemma_jax.data.image import load_image
 from paligemma_jax.pipeline import PaliGemmaPipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

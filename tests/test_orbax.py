@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from tests import bv_fixtures
 from tests.conftest import spec_overrides
-from tests.test_sharding import INNER, MESH_SPEC, export_checks, make_outer_test, report_ids
+from tests.multidevice import INNER, MESH_SPEC, export_checks, make_outer_test, report_ids
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +61,7 @@ def write_gemma_release(path, flat, *, transpose_gating, pad_rows=128):
 @pytest.fixture(scope="module")
 def orbax_dir(tmp_path_factory, ckpt_path):
   """pg2_gqa: its bfloat16 npz read as float32, saved with orbax_io.save."""
-  from paligemma_jax import checkpoint, orbax_io
+  from paligemma_jax.ckpt import checkpoint, orbax_io
   loaded = checkpoint.load_npz(ckpt_path("pg2_gqa", "bfloat16"))
   return orbax_io.save(tmp_path_factory.mktemp("orbax") / "pg2_gqa", loaded.params)
 
@@ -71,7 +71,7 @@ def orbax_dir(tmp_path_factory, ckpt_path):
 
 def test_round_trip_is_bit_identical(orbax_dir, ckpt_path):
   import jax.numpy as jnp
-  from paligemma_jax import checkpoint, orbax_io
+  from paligemma_jax.ckpt import checkpoint, orbax_io
   npz = checkpoint.load_npz(ckpt_path("pg2_gqa", "bfloat16"))
   back = orbax_io.load(orbax_dir)
   assert back.config == npz.config
@@ -90,14 +90,14 @@ def test_round_trip_is_bit_identical(orbax_dir, ckpt_path):
 
 def test_interrupted_save_is_never_loaded(tmp_path, ckpt_path, tokenizer):
   """A process killed (SIGKILL) at orbax's commit point leaves only the temporary directory."""
-  from paligemma_jax import orbax_io
-  from paligemma_jax.checkpoint import CheckpointError
+  from paligemma_jax.ckpt import orbax_io
+  from paligemma_jax.ckpt.checkpoint import CheckpointError
   from paligemma_jax.pipeline import PaliGemmaPipeline
   target = tmp_path / "ckpt"
   script = textwrap.dedent(f"""
       import os, signal, sys
       from orbax.checkpoint._src.path import atomicity
-      from paligemma_jax import checkpoint, orbax_io
+      from paligemma_jax.ckpt import checkpoint, orbax_io
       async def die(self):  # every array is written; the commit (marker + rename) never runs
         os.kill(os.getpid(), signal.SIGKILL)
       atomicity.AtomicRenameTemporaryPath.finalize = die
@@ -125,8 +125,8 @@ def test_interrupted_save_is_never_loaded(tmp_path, ckpt_path, tokenizer):
 
 
 def test_directory_without_commit_marker_is_refused(tmp_path, orbax_dir):
-  from paligemma_jax import orbax_io
-  from paligemma_jax.checkpoint import CheckpointError
+  from paligemma_jax.ckpt import orbax_io
+  from paligemma_jax.ckpt.checkpoint import CheckpointError
   copy = tmp_path / "copy"
   shutil.copytree(orbax_dir, copy)
   (copy / orbax_io.COMMIT_MARKER).unlink()
@@ -151,7 +151,7 @@ def test_gemma_release_plus_vision_tower(name, transpose_gating, img_only, tmp_p
   """Same arrays, hence the same logits, as the big_vision npz of the same model."""
   import jax
   import jax.numpy as jnp
-  from paligemma_jax import checkpoint, orbax_io
+  from paligemma_jax.ckpt import checkpoint, orbax_io
   from paligemma_jax.model import paligemma
   flat = flat_params[name]
   gemma_dir = write_gemma_release(tmp_path / "gemma", flat, transpose_gating=transpose_gating)
@@ -178,8 +178,8 @@ def test_gemma_release_plus_vision_tower(name, transpose_gating, img_only, tmp_p
 
 
 def test_gemma_release_errors(tmp_path, flat_params, ckpt_path):
-  from paligemma_jax import orbax_io
-  from paligemma_jax.checkpoint import CheckpointError
+  from paligemma_jax.ckpt import orbax_io
+  from paligemma_jax.ckpt.checkpoint import CheckpointError
   flat = dict(flat_params["pg1_mqa"])
   gemma_dir = write_gemma_release(tmp_path / "gemma", flat, transpose_gating=False)
   vocab = bv_fixtures.SPECS["pg1_mqa"]["vocab"]
@@ -205,8 +205,8 @@ def test_gemma_release_errors(tmp_path, flat_params, ckpt_path):
 def test_main_saves_orbax_from_a_mesh_and_loads_it_back(tmp_path, tokenizer):
   """main.py --mesh=2x4 --save_orbax on 8 CPU devices; the directory then serves --ckpt."""
   import json
-  from paligemma_jax import checkpoint, orbax_io
-  from paligemma_jax.image import load_image
+  from paligemma_jax.ckpt import checkpoint, orbax_io
+  from paligemma_jax.data.image import load_image
   from paligemma_jax.pipeline import PaliGemmaPipeline
   npz = bv_fixtures.write_npz(tmp_path / "small.npz", bv_fixtures.make_params(MESH_SPEC, 2))
   out, saved = tmp_path / "a.json", tmp_path / "saved"
@@ -278,7 +278,7 @@ def _no_whole_copies(params):
 
 def check_orbax_restores_sharded_onto_2x4(tmp_path, ckpt_path):
   import gc
-  from paligemma_jax import checkpoint, orbax_io
+  from paligemma_jax.ckpt import checkpoint, orbax_io
   loaded = checkpoint.load_npz(ckpt_path("pg2_gqa", "bfloat16"))
   reference = {k: np.array(v, copy=True) for k, v in _flat(loaded.params).items()}
   path = orbax_io.save(tmp_path / "ck", loaded.params)
@@ -292,7 +292,7 @@ def check_orbax_restores_sharded_onto_2x4(tmp_path, ckpt_path):
 
 def check_gemma_release_restores_sharded_onto_2x4(tmp_path, flat_params, ckpt_path):
   import gc
-  from paligemma_jax import orbax_io
+  from paligemma_jax.ckpt import orbax_io
   flat = flat_params["pg2_gqa"]
   gemma_dir = write_gemma_release(tmp_path / "gemma", flat, transpose_gating=True)
   gc.collect()
@@ -304,7 +304,7 @@ def check_gemma_release_restores_sharded_onto_2x4(tmp_path, flat_params, ckpt_pa
 
 
 def check_npz_loads_sharded_onto_2x4(ckpt_path, flat_params):
-  from paligemma_jax import orbax_io
+  from paligemma_jax.ckpt import orbax_io
   mesh = _mesh_2x4()
   got = orbax_io.load(ckpt_path("mha", "float16"), mesh=mesh)
   reference = {k: v.astype(np.float16).astype(np.float32) for k, v in flat_params["mha"].items()}

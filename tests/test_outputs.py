@@ -2,6 +2,7 @@
 
 import json
 import os
+import types
 
 import numpy as np
 import PIL.Image
@@ -9,13 +10,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paligemma_jax import outputs
+from paligemma_jax.answers import outputs
 from paligemma_jax.model import vqvae
 
 SEGS = "".join(f"<seg{i:03d}>" for i in range(0, 160, 10))  # 16 codes, 0..150
 SEGS_OK = "".join(f"<seg{i:03d}>" for i in range(16))
 BOX = "<loc0100><loc0200><loc0300><loc0400>"
 
+
+
+def _write(text, prompt, image, folder, vae=None):
+  """Parse once, then draw: what main.py, jobs and the prompt loop do."""
+  answer = outputs.task_answer(text, prompt, (image.height, image.width), vae)
+  return outputs.write_task_outputs(answer, image, folder)
 
 def _locs(*v):
   return "".join(f"<loc{x:04d}>" for x in v)
@@ -182,8 +189,7 @@ def test_detect_outputs(tmp_path):
   w, h = 160, 120
   text = (_locs(0, 0, 1023, 1023) + " whole ; " + _locs(512, 256, 1023, 767)
           + " box two ; <loc0001> junk")
-  res = outputs.write_task_outputs(text, "detect whole ; box two", _grey(w, h),
-                                   str(tmp_path))
+  res = _write(text, "detect whole ; box two", _grey(w, h), str(tmp_path))
   with open(tmp_path / "objects.json") as f:
     written = json.load(f)
   assert set(written) == {"task", "objects", "skipped"}
@@ -232,11 +238,10 @@ def test_segment_outputs(tmp_path):
   text = (_locs(256, 512, 767, 1023) + SEGS_OK + " cat ; "
           + _locs(0, 0, 100, 100) + " no mask")
   image = _grey(w, h)
-  res = outputs.write_task_outputs(text, "segment cat", image, str(tmp_path),
-                                   vae_params=_constant_vae(1.0))
-  assert "error" not in res and res["task"] == "segment"
+  res = _write(text, "segment cat", image, str(tmp_path), _constant_vae(1.0))
+  assert "warning" not in res and res["task"] == "segment"
   cat, plain = res["objects"]
-  assert set(cat) == {"label", "box", "box_normalized", "mask_png"}
+  assert set(cat) == {"label", "box", "box_normalized", "seg_codes", "mask_png"}
   assert set(plain) == {"label", "box", "box_normalized"}
   mask = np.asarray(PIL.Image.open(cat["mask_png"]))
   assert mask.shape == (h, w)
@@ -252,10 +257,9 @@ def test_segment_outputs(tmp_path):
 
 
 def test_segment_without_vae_writes_boxes_and_says_why(tmp_path):
-  res = outputs.write_task_outputs(BOX + SEGS_OK + " cat", "segment cat",
-                                   _grey(64, 48), str(tmp_path))
-  assert "--vae_ckpt" in res["error"]
-  assert [set(o) for o in res["objects"]] == [{"label", "box", "box_normalized"}]
+  res = _write(BOX + SEGS_OK + " cat", "segment cat", _grey(64, 48), str(tmp_path))
+  assert "--vae_ckpt" in res["warning"]
+  assert [set(o) for o in res["objects"]] == [{"label", "box", "box_normalized", "seg_codes"}]
   assert os.path.exists(res["annotated_png"])
   assert not [p for p in os.listdir(tmp_path) if p.startswith("mask_")]
 
@@ -263,7 +267,67 @@ def test_segment_without_vae_writes_boxes_and_says_why(tmp_path):
 def test_masks_from_decoder_are_batched(tmp_path):
   """Several segments go through one decode; a negative decoder masks nothing."""
   text = " ; ".join([BOX + SEGS_OK + " a", _locs(0, 0, 500, 500) + SEGS_OK + " b"])
-  res = outputs.write_task_outputs(text, "segment a ; b", _grey(50, 40),
-                                   str(tmp_path), vae_params=_constant_vae(-1.0))
+  res = _write(text, "segment a ; b", _grey(50, 40), str(tmp_path), _constant_vae(-1.0))
   for o in res["objects"]:
     assert not np.asarray(PIL.Image.open(o["mask_png"])).any()
+
+
+# ---------------------------------------------------------------------------
+# One parse per answer; its JSON fields; COCO RLE from pycocotools.
+
+SEG = "<loc0100><loc0100><loc0900><loc0900>" + "".join(f"<seg{i:03d}>" for i in range(16)) + " dog"
+MASK64 = np.where(np.arange(64)[:, None] < np.arange(64)[None, :], 1.0, -1.0).astype(np.float32)
+
+
+def test_rle_is_cocos():
+  from pycocotools import mask as coco_mask
+  rng = np.random.default_rng(0)
+  for m in [rng.random((7, 5)) > 0.5, np.ones((3, 4), bool), np.zeros((2, 2), bool)]:
+    rle = outputs.rle_encode(m)
+    assert rle["size"] == list(m.shape) and isinstance(rle["counts"], str)
+    json.dumps(rle)  # JSON as it is
+    coco = {"size": rle["size"], "counts": rle["counts"].encode()}
+    np.testing.assert_array_equal(coco_mask.decode(coco), m.astype(np.uint8))
+    assert coco_mask.area(coco) == m.sum()
+    np.testing.assert_array_equal(outputs.rle_decode(rle), m)
+  # Hand-counted column-major runs: 0 zeros, 2 ones, 1 zero, 1 one, compressed by COCO.
+  hand = coco_mask.frPyObjects({"size": [2, 2], "counts": [0, 2, 1, 1]}, 2, 2)
+  assert outputs.rle_encode(np.array([[1, 0], [1, 1]], bool))["counts"] == hand["counts"].decode()
+
+
+def test_task_answer_boxes_masks_and_fields(monkeypatch):
+  assert outputs.task_answer("a cat", "caption en", (100, 200)) is None
+  det = outputs.task_answer("<loc0000><loc0000><loc0511><loc1023> cat ; junk", "detect cat",
+                            (100, 200))
+  [obj] = outputs.answer_fields(det)["objects"]
+  assert obj["label"] == "cat" and obj["box"] == pytest.approx([0, 0, 511 / 1023 * 100, 200])
+  assert "mask_rle" not in obj and outputs.answer_fields(det)["skipped"][0]["text"] == "junk"
+  no_vae = outputs.answer_fields(outputs.task_answer(SEG, "segment dog", (64, 48)))
+  assert no_vae["objects"][0]["seg_codes"] == list(range(16)) and "warning" in no_vae
+  calls = []
+  monkeypatch.setattr(vqvae, "decode_masks", lambda params, codes: (
+      calls.append((params, np.asarray(codes).tolist())), np.stack([MASK64] * len(codes)))[1])
+  [obj] = outputs.answer_fields(outputs.task_answer(SEG, "segment dog", (64, 48),
+                                                    lambda: "VAE"))["objects"]
+  assert calls == [("VAE", [list(range(16))])]
+  objects, _ = outputs.parse_answer(SEG, (64, 48))
+  expected = outputs.paste_mask(MASK64, objects[0].box, (64, 48))
+  assert 0 < expected.sum() < expected.size
+  np.testing.assert_array_equal(outputs.rle_decode(obj["mask_rle"]), expected)
+
+
+def test_a_job_parses_and_decodes_each_answer_once(monkeypatch, tmp_path):
+  """The JSONL fields and the pictures of one answer come from one parse and one decode."""
+  from paligemma_jax import jobs
+  parses, decodes = [], []
+  parse = outputs.parse_answer
+  monkeypatch.setattr(outputs, "parse_answer", lambda *a: (parses.append(1), parse(*a))[1])
+  monkeypatch.setattr(vqvae, "decode_masks", lambda params, codes: (
+      decodes.append(1), np.stack([MASK64] * len(codes)))[1])
+  item = jobs.Item(index=0, image="x.png", path="x.png", prompt="segment dog")
+  picture = PIL.Image.new("RGB", (48, 64))
+  d = jobs.Decoded(item=item, pixels=None, hw=(64, 48), picture=picture, error=None)
+  r = types.SimpleNamespace(text=SEG, tokens=[1, 2])
+  rec = jobs._result_record(d, r, str(tmp_path), lambda: "VAE")
+  assert len(parses) == 1 and len(decodes) == 1
+  assert "mask_rle" in rec["objects"][0] and os.path.exists(rec["objects"][0]["mask_png"])

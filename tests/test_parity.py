@@ -16,7 +16,9 @@ import torch
 from tests import bv_fixtures
 from tests import hf_reference
 from tests.conftest import SPEC_NAMES, spec_overrides
-from paligemma_jax import checkpoint, image
+from tests.numerics import rel_err
+from paligemma_jax.ckpt import checkpoint
+from paligemma_jax.data import image
 from paligemma_jax.backends import cpu
 from paligemma_jax.model import layouts, paligemma
 from paligemma_jax.pipeline import PaliGemmaPipeline
@@ -31,10 +33,6 @@ F32_TOLERANCE = 1e-4
 # scale (errors of order 1) cannot meet.
 BF16_TOLERANCE = 0.15
 BF16_VS_REFERENCE = 1.25
-
-
-def rel_err(ours, ref):
-  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from paligemma_jax import decode
+from paligemma_jax.sample import decode
+from tests.numerics import softmax
 
 LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], np.float32)
 N = 40_000
@@ -33,11 +34,6 @@ def chi_square_ok(counts, probs):
   stat = ((counts[support] - expected) ** 2 / expected).sum()
   dof = support.sum() - 1
   return stat < stats.chi2.ppf(1 - FALSE_ALARM, dof), (stat, counts, expected)
-
-
-def softmax(x):
-  e = np.exp(x - x.max())
-  return e / e.sum()
 
 
 @pytest.mark.parametrize("t", [0.5, 1.0, 2.0])

@@ -65,6 +65,13 @@ def _vae_shapes():
 VAE_SHAPES = _vae_shapes()
 
 
+def vae_keys(parts=("decoder",)) -> dict:
+  """The keys (with shapes) that `parts` ("encoder", "decoder") need, the codebook included:
+  drawing masks needs only the decoder, making `<seg>` targets the encoder."""
+  return {k: s for k, s in VAE_SHAPES.items()
+          if k == EMBEDDING or k.split(".", 1)[0] in parts}
+
+
 def _init_bound(name):
   """PyTorch's default init is U(-b, b), b = 1/sqrt(fan_in), for weights and
   biases alike, with fan_in = `weight.shape[1] * kh * kw` (for ConvTranspose
@@ -240,8 +247,9 @@ def save_vae(path, params):
     np.savez(f, **arrays)
 
 
-def load_vae(path):
-  """Reads vae-oid.npz (no pickle) into {npz key: float32 jax array}.
+def load_vae(path, parts=("decoder", "encoder")):
+  """Reads vae-oid.npz (no pickle) into {npz key: float32 jax array}: the keys `parts` need
+  (`vae_keys`), so a decoder-only file draws masks.
 
   Raises FileNotFoundError or ValueError naming the file, and for a bad key
   its expected and found shape. Keys this module does not use are ignored.
@@ -257,7 +265,7 @@ def load_vae(path):
     raise ValueError(f"{path}: holds a single array, not an .npz of named arrays")
   params, problems = {}, []
   with npz:
-    for key, shape in VAE_SHAPES.items():
+    for key, shape in vae_keys(parts).items():
       if key not in npz.files:
         problems.append(f"key '{key}' missing (expected shape {shape})")
         continue

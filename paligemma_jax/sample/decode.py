@@ -200,12 +200,15 @@ def decode(model: PaliGemma, params, logits, cache, cache_valid, last_positions,
       else contextlib.nullcontext
 
   def pick(logits, rng, done):
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:  # rows that are no token
+      logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+    # The score is the model's log-probability, before the forbidden ids are removed (as
+    # big_vision's): banning a token does not make the others more likely to best_of_n.
+    logp_all = jax.nn.log_softmax(logits, -1)
     if forbidden_ids:
       logits = logits.at[:, jnp.asarray(forbidden_ids)].set(-jnp.inf)
-    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-      logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
     token = sample(sampler, logits, rng)
-    logp = jnp.take_along_axis(logits, token[:, None], -1)[:, 0] - jax.nn.logsumexp(logits, -1)
+    logp = jnp.take_along_axis(logp_all, token[:, None], -1)[:, 0]
     return jnp.where(done, pad_id, token), jnp.where(done, 0.0, logp)
 
   rng, first_rng = jax.random.split(rng)

@@ -36,9 +36,9 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from paligemma_jax import checkpoint
+from paligemma_jax.ckpt import checkpoint
 from paligemma_jax.model import gemma, layouts, paligemma, vit
-from paligemma_jax.checkpoint import CheckpointError, Loaded
+from paligemma_jax.ckpt.checkpoint import CheckpointError, Loaded
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -705,7 +705,7 @@ def save_hf(path, params, config: paligemma.PaliGemmaConfig, tokenizer_path: Opt
   special = (2, 1, 0)
   tok = None
   if tokenizer_path:
-    from paligemma_jax.tokenizer import Tokenizer
+    from paligemma_jax.data.tokenizer import Tokenizer
     tok = Tokenizer(tokenizer_path)
     special = (tok.bos_id, tok.eos_id, tok.pad_id)
     if tok.vocab_size > vocab:

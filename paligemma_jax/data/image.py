@@ -60,7 +60,7 @@ def _reduce(img: Image.Image, path) -> Image.Image:
       break
   if img.width * img.height > MAX_PIXELS:
     raise ImageError(f"{path}: image of {w}x{h} pixels exceeds the limit of {MAX_PIXELS} pixels "
-                     "(paligemma_jax.image.MAX_PIXELS); downscale it first")
+                     "(paligemma_jax.data.image.MAX_PIXELS); downscale it first")
   return img
 
 
@@ -86,7 +86,7 @@ def load_image(path) -> Image.Image:
     raise ImageError(f"{path}: not an image file PIL can read") from None
   except Image.DecompressionBombError as e:  # PIL's check, at open, of images far beyond ours
     raise ImageError(f"{path}: image exceeds the limit of {MAX_PIXELS} pixels "
-                     f"(paligemma_jax.image.MAX_PIXELS; PIL: {e})") from None
+                     f"(paligemma_jax.data.image.MAX_PIXELS; PIL: {e})") from None
   except (OSError, SyntaxError, ValueError) as e:
     if isinstance(e, ImageError):
       raise

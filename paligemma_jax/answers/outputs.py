@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+from typing import Optional
 
 import numpy as np
 import PIL.Image
@@ -276,37 +277,95 @@ def draw_objects(image, objects, masks=None):
   return out
 
 
-def write_task_outputs(text, prompt, image, output_dir, vae_params=None):
-  """Writes annotated.png, objects.json and one mask PNG per segment.
+@dataclasses.dataclass
+class TaskAnswer:
+  """A detect/segment answer, parsed once: its objects, the parts that were skipped, and a
+  full-size bool mask per object (None for a detection, or when no VQ-VAE decodes it)."""
+  task: str
+  objects: list
+  skipped: list
+  masks: list
+  warning: Optional[str] = None
 
-  objects.json = {"task", "objects": [{label, box, box_normalized[, mask_png]}],
-  "skipped": [{text, reason}]} (plus "error" when masks could not be decoded).
-  box is [y1, x1, y2, x2] in pixels of `image`; mask_png is the path of a
-  full-size black/white PNG. Returns that dict plus "annotated_png".
+
+class LazyVae:
+  """The VQ-VAE at `path`, read on first use (only segment answers need it) and kept."""
+
+  def __init__(self, path):
+    self.path, self._params = path, None
+
+  def __call__(self):
+    if self._params is None:
+      from paligemma_jax.model import vqvae
+      self._params = vqvae.load_vae(self.path, parts=("decoder",))
+    return self._params
+
+
+def task_answer(text, prompt, image_hw, vae=None) -> Optional[TaskAnswer]:
+  """For detect/segment prompts the answer parsed against image_hw (h, w), masks decoded
+  with `vae` (VQ-VAE params, or a callable giving them, e.g. `LazyVae`); else None."""
+  task = task_of(prompt)
+  if task is None:
+    return None
+  objects, skipped = parse_answer(text, image_hw)
+  masks, warning = [None] * len(objects), None
+  seg = [i for i, o in enumerate(objects) if o.seg_codes is not None]
+  if seg and vae is None:
+    warning = "segment answer: no --vae_ckpt, so masks are not decoded (boxes and seg_codes kept)"
+  elif seg:
+    from paligemma_jax.model import vqvae  # jax only when masks are needed
+    codes = np.array([objects[i].seg_codes for i in seg], np.int32)
+    for i, m64 in zip(seg, vqvae.decode_masks(vae() if callable(vae) else vae, codes)):
+      masks[i] = paste_mask(m64, objects[i].box, image_hw)
+  return TaskAnswer(task, objects, skipped, masks, warning)
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+  """(h, w) bool -> COCO's compressed RLE {"size": [h, w], "counts": str} (pycocotools)."""
+  from pycocotools import mask as coco_mask
+  rle = coco_mask.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
+  return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+  """Inverse of `rle_encode`: (h, w) bool."""
+  from pycocotools import mask as coco_mask
+  return coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}) > 0
+
+
+def answer_fields(answer: TaskAnswer, mask_rle: bool = True) -> dict:
+  """JSON of an answer: {"objects": [{label, box (pixels [y1, x1, y2, x2]), box_normalized
+  [, seg_codes][, mask_rle]}], "skipped": [{text, reason}][, "warning"]}."""
+  objects = []
+  for o, mask in zip(answer.objects, answer.masks):
+    entry = {"label": o.label, "box": [float(v) for v in o.box],
+             "box_normalized": [float(v) for v in o.box_normalized]}
+    if o.seg_codes is not None:
+      entry["seg_codes"] = [int(c) for c in o.seg_codes]
+    if mask is not None and mask_rle:
+      entry["mask_rle"] = rle_encode(mask)
+    objects.append(entry)
+  fields = {"objects": objects,
+            "skipped": [{"text": s.text, "reason": s.reason} for s in answer.skipped]}
+  if answer.warning:
+    fields["warning"] = answer.warning
+  return fields
+
+
+def write_task_outputs(answer: TaskAnswer, image, output_dir):
+  """Writes annotated.png, objects.json and one mask PNG per decoded segment.
+
+  objects.json = {"task", **`answer_fields` (no RLE), mask_png per decoded mask}; box in
+  pixels of `image`; mask_png the path of a full-size black/white PNG. Returns that dict
+  plus "annotated_png".
   """
   os.makedirs(output_dir, exist_ok=True)
-  w, h = image.size
-  objects, skipped = parse_answer(text, (h, w))
-  result = {"task": task_of(prompt), "objects": [], "skipped": [
-      {"text": s.text, "reason": s.reason} for s in skipped]}
-  masks = [None] * len(objects)
-  seg_idx = [i for i, o in enumerate(objects) if o.seg_codes is not None]
-  if seg_idx and vae_params is None:
-    result["error"] = ("segment answer needs --vae_ckpt=PATH to decode masks; "
-                       "boxes were written")
-  elif seg_idx:
-    from paligemma_jax.model import vqvae  # jax only when masks are needed
-    codes = np.array([objects[i].seg_codes for i in seg_idx], np.int32)
-    for i, m64 in zip(seg_idx, vqvae.decode_masks(vae_params, codes)):
-      masks[i] = paste_mask(m64, objects[i].box, (h, w))
-  for i, (obj, mask) in enumerate(zip(objects, masks)):
-    entry = {"label": obj.label, "box": list(obj.box),
-             "box_normalized": list(obj.box_normalized)}
+  result = {"task": answer.task, **answer_fields(answer, mask_rle=False)}
+  for i, (entry, mask) in enumerate(zip(result["objects"], answer.masks)):
     if mask is not None:
       entry["mask_png"] = os.path.join(output_dir, f"mask_{i:02d}.png")
       PIL.Image.fromarray(mask.astype(np.uint8) * 255).save(entry["mask_png"])
-    result["objects"].append(entry)
   write_json(os.path.join(output_dir, "objects.json"), result)
   annotated = os.path.join(output_dir, "annotated.png")
-  draw_objects(image, objects, masks).save(annotated)
+  draw_objects(image, answer.objects, answer.masks).save(annotated)
   return {**result, "annotated_png": annotated}

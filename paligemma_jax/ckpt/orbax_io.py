@@ -24,9 +24,10 @@ import jax.numpy as jnp
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from paligemma_jax import checkpoint, sharding
-from paligemma_jax.model import layouts, paligemma
-from paligemma_jax.checkpoint import CheckpointError, Loaded
+from paligemma_jax.ckpt import checkpoint
+from paligemma_jax import sharding
+from paligemma_jax.model import layouts
+from paligemma_jax.ckpt.checkpoint import CheckpointError, Loaded
 
 COMMIT_MARKER = "commit_success.txt"   # orbax's atomicity_types.COMMIT_SUCCESS_FILE
 TMP_SUFFIX = ".orbax-checkpoint-tmp"   # orbax's atomicity_types.TMP_DIR_SUFFIX
@@ -223,7 +224,7 @@ def load(path, dtype=jnp.float32, overrides: Optional[Mapping] = None, mesh=None
          require_commit_marker: bool = True) -> Loaded:
   """`.npz` file, Orbax directory or transformers directory -> Loaded (on `mesh` when given,
   already sharded)."""
-  from paligemma_jax import hf_checkpoint
+  from paligemma_jax.ckpt import hf_checkpoint
   if hf_checkpoint.is_hf_dir(path):
     return hf_checkpoint.load_hf(path, dtype, overrides, mesh=mesh)
   if is_orbax_path(path):
