@@ -1,8 +1,5 @@
 """Loading big_vision .npz files: dtypes, prefixes, architecture inference, bad files, memory."""
 import os
-import subprocess
-import sys
-import textwrap
 import zipfile
 import zlib
 
@@ -11,7 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tests import bv_fixtures
+from tests import bv_fixtures, memprobe
 from tests.conftest import SPEC_NAMES, spec_config, spec_overrides
 from paligemma_jax.ckpt import checkpoint
 from paligemma_jax.model import paligemma
@@ -181,37 +178,24 @@ def test_pickle_is_refused(tmp_path, flat_params):
 # ---------------------------------------------------------------------------
 # Memory: one copy. Anonymous (non file-backed) resident memory is sampled during the load.
 
-_MEMORY_PROBE = textwrap.dedent("""
-    import sys, threading, time
-    import numpy as np, jax
-
-    def anon():
-      for line in open('/proc/self/status'):
-        if line.startswith('RssAnon:'):
-          return int(line.split()[1]) * 1024
-
-    from paligemma_jax.ckpt import checkpoint
-    jax.device_put(np.zeros(4)).block_until_ready()
-    base, peak, running = anon(), [0], [True]
-    def sample():
-      while running[0]:
-        peak[0] = max(peak[0], anon()); time.sleep(0.002)
-    t = threading.Thread(target=sample); t.start()
+_LOADS = """
     if sys.argv[2] == 'ours':
       params = checkpoint.load_npz(sys.argv[1]).params
     elif sys.argv[2] == 'inference':  # what PaliGemmaPipeline.from_files does on one device
       params = checkpoint.load_npz(sys.argv[1], unstack=True, out_major=True).params
     elif sys.argv[2] == 'split_after':  # the second copy the test guards against
-      from paligemma_jax.model import layouts
       params = layouts.unstacked(checkpoint.load_npz(sys.argv[1]).params, out_major=True)
     else:  # the naive way: np.load everything, then put it on the device
       with np.load(sys.argv[1]) as z:
-        host = {{k: z[k] for k in z.files}}
-      params = {{k: jax.device_put(v) for k, v in host.items()}}
-    jax.block_until_ready(params)
-    running[0] = False; t.join()
-    print(max(peak[0], anon()) - base)
-""")
+        host = {k: z[k] for k in z.files}
+      params = {k: jax.device_put(v) for k, v in host.items()}
+"""
+
+
+def _peak(tmp_path, path, mode):
+  return memprobe.peak_anonymous_bytes(
+      tmp_path, "from paligemma_jax.ckpt import checkpoint\nfrom paligemma_jax.model import layouts",
+      _LOADS, path, mode)
 
 
 def test_load_holds_one_copy_in_host_memory(tmp_path):
@@ -221,15 +205,7 @@ def test_load_holds_one_copy_in_host_memory(tmp_path):
   size = sum(v.nbytes for v in flat.values())
   del flat
   assert size > 200e6
-  probe = tmp_path / "probe.py"
-  probe.write_text(_MEMORY_PROBE.format(repo=REPO))
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-
-  def peak(mode):
-    out = subprocess.run([sys.executable, str(probe), path, mode], capture_output=True, text=True,
-                         env=env, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
-  ours, naive = peak("ours"), peak("naive")
+  ours, naive = _peak(tmp_path, path, "ours"), _peak(tmp_path, path, "naive")
   assert naive > 1.7 * size, (naive / size, "the probe must see two copies in the naive load")
   assert ours < 1.25 * size, f"peak anonymous memory {ours / size:.2f}x the checkpoint"
 
@@ -253,13 +229,7 @@ def test_inference_tree_load_holds_one_copy(tmp_path):
   g = flat["llm/layers/mlp/gating_einsum"].nbytes / size
   del flat
   assert size > 200e6 and g > 0.6
-  probe = tmp_path / "probe.py"
-  probe.write_text(_MEMORY_PROBE.format(repo=REPO))
-
-  def peak(mode):
-    out = subprocess.run([sys.executable, str(probe), path, mode], capture_output=True,
-                         text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / size
+  peak = lambda mode: _peak(tmp_path, path, mode) / size
   bound = 1 + 0.6 * g
   second_copy = peak("split_after")
   assert second_copy > 1 + g * 0.9, (second_copy, "the probe must see the second copy")

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -21,7 +20,7 @@ import torch
 from flax import traverse_util
 from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-from tests import bv_fixtures, hf_reference
+from tests import bv_fixtures, hf_reference, memprobe
 from tests.numerics import rel_err
 from tests.conftest import spec_config, spec_overrides
 from paligemma_jax.ckpt import checkpoint, hf_checkpoint
@@ -364,29 +363,11 @@ def test_main_reads_and_writes_hf_directories(hf_dirs, tokenizer, tmp_path, test
 # ---------------------------------------------------------------------------
 # Memory: a bfloat16 directory written with safetensors itself, loaded in bfloat16.
 
-_PROBE = textwrap.dedent("""
-    import sys, threading, time
-    import numpy as np, jax, jax.numpy as jnp
-
-    def anon():
-      for line in open('/proc/self/status'):
-        if line.startswith('RssAnon:'):
-          return int(line.split()[1]) * 1024
-
-    from paligemma_jax.ckpt import hf_checkpoint
-    jax.device_put(np.zeros(4)).block_until_ready()
-    base, peak, running = anon(), [0], [True]
-    def sample():
-      while running[0]:
-        peak[0] = max(peak[0], anon()); time.sleep(0.002)
-    t = threading.Thread(target=sample); t.start()
+_LOAD = """
     split = sys.argv[2] == 'inference'
     params = hf_checkpoint.load_hf(sys.argv[1], dtype=jnp.bfloat16, unstack=split,
                                    out_major=split).params
-    jax.block_until_ready(params)
-    running[0] = False; t.join()
-    print(max(peak[0], anon()) - base)
-""")
+"""
 
 
 def test_load_peak_host_memory_under_1_3x(tmp_path):
@@ -412,14 +393,9 @@ def test_load_peak_host_memory_under_1_3x(tmp_path):
     del tensors
   (path / hf_checkpoint.INDEX).write_text(json.dumps({"weight_map": weight_map}))
   assert size > 200e6
-  probe = tmp_path / "probe.py"
-  probe.write_text(_PROBE)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   for mode in ("stacked", "inference"):
-    r = subprocess.run([sys.executable, str(probe), str(path), mode], capture_output=True,
-                       text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr
-    peak = int(r.stdout.strip().splitlines()[-1])
+    peak = memprobe.peak_anonymous_bytes(
+        tmp_path, "from paligemma_jax.ckpt import hf_checkpoint", _LOAD, path, mode)
     print(f"{mode}: peak anonymous memory {peak / size:.2f}x the {size / 1e6:.0f} MB directory")
     assert peak < 1.3 * size, f"{mode}: peak {peak / size:.2f}x the directory"
 

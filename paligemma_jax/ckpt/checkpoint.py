@@ -312,8 +312,7 @@ def npz_config(path: str, overrides: Optional[Mapping] = None):
   return index, config
 
 
-# The subtrees big_vision stacks over depth; `unstack` splits them into `<name>_i`.
-STACKED_TOWERS = ("llm/layers", "img/Transformer/encoderblock")
+STACKED_TOWERS = layouts.STACKED_TOWERS  # `unstack` splits them into `<name>_i`
 
 
 def load_npz(path: str, dtype=jnp.float32, overrides: Optional[Mapping] = None,

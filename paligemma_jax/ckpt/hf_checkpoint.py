@@ -606,8 +606,7 @@ def _host_layers(params) -> Callable:
     k = f"{stem}_{i}/{name}"
     if k in flat:
       return sharding.to_host(flat[k])
-    perm = np.argsort(layouts.OUT_MAJOR[name])
-    return sharding.to_host(flat[k + layouts.OUT_MAJOR_SUFFIX]).transpose(perm)
+    return layouts.stored_layer(name, sharding.to_host(flat[k + layouts.OUT_MAJOR_SUFFIX]))
   return get
 
 

@@ -29,6 +29,7 @@ OUT_MAJOR = {"attn/q_einsum/w": (0, 2, 1),             # (N, D, H) -> (N, H, D)
 OUT_MAJOR_SUFFIX = "_out_major"
 LLM_LAYERS = "llm/layers"
 IMG_LAYERS = "img/Transformer/encoderblock"
+STACKED_TOWERS = (LLM_LAYERS, IMG_LAYERS)  # the subtrees big_vision stacks over depth
 
 
 def split_layers(name: str, stacked, out_major: bool = False):
@@ -39,6 +40,11 @@ def split_layers(name: str, stacked, out_major: bool = False):
   if perm is None:
     return [(name, stacked[i]) for i in range(stacked.shape[0])]
   return [(name + OUT_MAJOR_SUFFIX, stacked[i].transpose(perm)) for i in range(stacked.shape[0])]
+
+
+def stored_layer(name: str, array):
+  """One layer's array `name` (below `layers/`), out-major -> big_vision's per-layer layout."""
+  return array.transpose(tuple(np.argsort(OUT_MAJOR[name])))
 
 
 def unstack_layers(params: dict, consume: bool = False, out_major: bool = False,
@@ -77,12 +83,11 @@ def stack_layers(params: dict, name: str = "layers") -> dict:
   out = {k: v for k, v in params.items() if not is_layer(k)}
   layers = {}
   for key in traverse_util.flatten_dict(params[names[0]], sep="/"):
-    leaf, perm = key, None
-    if key.endswith(OUT_MAJOR_SUFFIX):
-      leaf = key[:-len(OUT_MAJOR_SUFFIX)]
-      perm = tuple(np.argsort(OUT_MAJOR[leaf]))
+    out_major = key.endswith(OUT_MAJOR_SUFFIX)
+    leaf = key[:-len(OUT_MAJOR_SUFFIX)] if out_major else key
     per_layer = [traverse_util.flatten_dict(params[n], sep="/")[key] for n in names]
-    layers[leaf] = jnp.stack([a if perm is None else jnp.transpose(a, perm) for a in per_layer])
+    layers[leaf] = jnp.stack([stored_layer(leaf, jnp.asarray(a)) if out_major else a
+                              for a in per_layer])
   out[name] = traverse_util.unflatten_dict(layers, sep="/")
   return out
 
