@@ -84,7 +84,11 @@ _INTERACTIVE = flags.DEFINE_bool("interactive", False,
 
 def _fail(msg):
   print(f"error: {msg}", file=sys.stderr)
-  sys.exit(2)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # Not sys.exit: after a failed Orbax read its background threads may still post to a closed
+  # event loop, and interpreter shutdown would print their tracebacks under the one error line.
+  os._exit(2)
 
 
 def _check_flags(cfg, many: bool = False) -> tuple:

@@ -217,7 +217,7 @@ def test_output_paths_and_vae_are_checked_before_loading(case, tmp_path, home, m
 # ---------------------------------------------------------------------------
 # 7. Batch jobs retry the inputs that ended in an error.
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def pipe(demo_pipe):
   return demo_pipe
 

@@ -24,7 +24,7 @@ def compilations(monkeypatch):
   return seen
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def pipe(pg2_pipe):
   return pg2_pipe
 

@@ -20,7 +20,7 @@ NEVER = -1  # an eos id no token equals: every row runs all M steps
 ARGMAX_RTOL = 1e-4  # float32: a token is "the argmax" if within 1e-4 * max|logit| of the max
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def pipe(pg2_pipe):
   return pg2_pipe
 

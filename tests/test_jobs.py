@@ -42,7 +42,7 @@ def _lines(path):
   return [json.loads(line) for line in data.decode().splitlines()]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def pipe(demo_pipe):
   return demo_pipe
 

@@ -127,7 +127,8 @@ def check_params_follow_rules(mesh_name, mesh_params):
 
 @pytest.mark.parametrize("mesh_name", MESHES)
 def check_sharded_decode_matches_one_device(mesh_name, pipes, requests, single):
-  """Same tokens as one device; prefill logits within 1e-5 relative; same log-probabilities."""
+  """Same tokens as one device; prefill logits within 1e-5 relative; log-probabilities within
+  5e-5 (float32 sums over the width split 8 ways, in another order: up to 1.6e-5 seen)."""
   ref, ref_logits = single
   pipe = pipes(mesh_name)
   out = pipe.generate(*requests, max_decode_len=MAX_LEN)
@@ -137,7 +138,7 @@ def check_sharded_decode_matches_one_device(mesh_name, pipes, requests, single):
   rel = np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()
   assert rel < 1e-5, rel
   for o, r in zip(out, ref):
-    np.testing.assert_allclose(o.logprobs, r.logprobs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(o.logprobs, r.logprobs, rtol=0, atol=5e-5)
 
 
 # -- HLO of the decode loop.

@@ -276,3 +276,22 @@ def test_round_trip_keeps_masks(trained_params, tmp_path):
   print(f"trained decoder rel L2 error vs torch f32 {err:.2e}")
   assert err < 1e-5
   np.testing.assert_array_equal(codes, want_codes)
+
+
+def test_a_decoder_only_file_draws_masks(tmp_path):
+  """Drawing needs only the codebook and the decoder: a file without the encoder loads for
+  it, passes main.py's check, and decodes the same masks as the whole file; asking it to
+  encode names the missing encoder keys."""
+  from paligemma_jax import paths
+  whole = vqvae.init_vae_params(seed=3)
+  part = {k: v for k, v in whole.items() if k in vqvae.vae_keys(("decoder",))}
+  assert len(part) < len(whole) and not any(k.startswith("encoder.") for k in part)
+  path = tmp_path / "decoder_only.npz"
+  vqvae.save_vae(path, part)
+  paths.check_vae(str(path))
+  codes = np.arange(32, dtype=np.int32).reshape(2, 16) % vqvae.NUM_CODES
+  got = vqvae.decode_masks(vqvae.load_vae(path, parts=("decoder",)), codes)
+  want = vqvae.decode_masks({k: jnp.asarray(v) for k, v in whole.items()}, codes)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  with pytest.raises(ValueError, match=r"encoder\.0\.weight.*missing"):
+    vqvae.load_vae(path)

@@ -311,7 +311,8 @@ def task_answer(text, prompt, image_hw, vae=None) -> Optional[TaskAnswer]:
   masks, warning = [None] * len(objects), None
   seg = [i for i, o in enumerate(objects) if o.seg_codes is not None]
   if seg and vae is None:
-    warning = "segment answer: no --vae_ckpt, so masks are not decoded (boxes and seg_codes kept)"
+    warning = ("segment answer needs --vae_ckpt=PATH to decode masks; boxes and seg_codes "
+               "were kept")
   elif seg:
     from paligemma_jax.model import vqvae  # jax only when masks are needed
     codes = np.array([objects[i].seg_codes for i in seg], np.int32)

@@ -117,11 +117,14 @@ def _resblock(p, name, x):
 
 
 class VQVAE(nn.Module):
-  """The mask VQ-VAE; its params are the flat npz-keyed dict `VAE_SHAPES`."""
+  """The mask VQ-VAE; its params are the flat npz-keyed dict `VAE_SHAPES` (applied, it takes
+  any part of it: decoding needs only the codebook and the decoder, `vae_keys`)."""
 
   def setup(self):
     p = {}
     for name, shape in VAE_SHAPES.items():
+      if not (self.is_initializing() or self.has_variable("params", name)):
+        continue
       if name == EMBEDDING:
         init = nn.initializers.normal(1.0)
       else:
@@ -241,8 +244,9 @@ def init_vae_params(seed=0):
 
 
 def save_vae(path, params):
-  """Writes `params` as an npz with the vae-oid.npz key names, at `path` exactly."""
-  arrays = {k: np.asarray(params[k], np.float32) for k in VAE_SHAPES}
+  """Writes `params` (all of `VAE_SHAPES`, or a part) as an npz with the vae-oid.npz key names,
+  at `path` exactly."""
+  arrays = {k: np.asarray(params[k], np.float32) for k in VAE_SHAPES if k in params}
   with open(path, "wb") as f:
     np.savez(f, **arrays)
 
