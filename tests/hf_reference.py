@@ -251,11 +251,10 @@ def prefix_lm_mask(mask_ar: np.ndarray, n_img: int) -> np.ndarray:
     return cum[:, None, :] <= cum[:, :, None]
 
 
-def hf_logits(model, pixel_values: np.ndarray, input_ids: np.ndarray, mask_ar: np.ndarray) -> np.ndarray:
-    """Full-sequence logits (B, Ni + T, V) of image + text under the prefix-LM mask.
-
-    Positions are 0-based over image + text (big_vision convention).
-    """
+def hf_forward(model, pixel_values: np.ndarray, input_ids: np.ndarray,
+               mask_ar: np.ndarray) -> torch.Tensor:
+    """Full-sequence logits (B, Ni + T, V) as a torch tensor (differentiable) of image + text
+    under the prefix-LM mask. Positions are 0-based over image + text (big_vision)."""
     ids = _full_ids(model, input_ids)
     b, s = ids.shape
     allowed = prefix_lm_mask(mask_ar, model.config.text_config.num_image_tokens)
@@ -264,15 +263,20 @@ def hf_logits(model, pixel_values: np.ndarray, input_ids: np.ndarray, mask_ar: n
     neg = torch.finfo(dtype).min
     mask4d = torch.where(torch.from_numpy(allowed)[:, None], 0.0, neg).to(dtype)
     positions = torch.arange(s, dtype=torch.long)[None].expand(b, s)
+    out = model(
+        input_ids=ids,
+        pixel_values=_to_torch_pixels(pixel_values),
+        attention_mask=mask4d,
+        position_ids=positions,
+        use_cache=False,
+    )
+    return out.logits
+
+
+def hf_logits(model, pixel_values: np.ndarray, input_ids: np.ndarray, mask_ar: np.ndarray) -> np.ndarray:
+    """`hf_forward` without gradients, as float32 numpy."""
     with torch.no_grad():
-        out = model(
-            input_ids=ids,
-            pixel_values=_to_torch_pixels(pixel_values),
-            attention_mask=mask4d,
-            position_ids=positions,
-            use_cache=False,
-        )
-    return out.logits.float().numpy()
+        return hf_forward(model, pixel_values, input_ids, mask_ar).float().numpy()
 
 
 def hf_image_features(model, pixel_values: np.ndarray) -> np.ndarray:
@@ -315,7 +319,7 @@ def hf_greedy(model, pixel_values: np.ndarray, input_ids: np.ndarray, max_new_to
 
 
 __all__ = [
-    "build_hf_paligemma", "bv_to_hf_state_dict", "hf_config", "hf_greedy",
+    "build_hf_paligemma", "bv_to_hf_state_dict", "hf_config", "hf_forward", "hf_greedy",
     "hf_image_features", "hf_logits", "prefix_lm_mask",
 ]
 TRANSFORMERS_VERSION = transformers.__version__

@@ -70,6 +70,29 @@ class Tokenizer:
       mask_ar += [1] * len(start)
     return np.array(tokens, np.int32), np.array(mask_ar, np.int32)
 
+  def training_example(self, prefix: str, suffix: str, text_len: int):
+    """big_vision's training layout, padded to text_len + 1 tokens -> (tokens, mask_ar,
+    mask_loss) int32 (text_len + 1,) and whether it was truncated.
+
+    `[bos] + tok(prefix) + tok("\\n")` (mask_ar 0, no loss), then `tok(suffix) + [eos]`
+    (mask_ar 1, loss), then pad (mask_ar 1, no loss). The model sees tokens[:-1] and predicts
+    tokens[1:]. Too long, it keeps its eos (big_vision's truncation would drop it): the suffix
+    is cut before the eos, and a prefix longer than the whole budget is cut too.
+    """
+    head = [self.bos_id] + self.encode(prefix) + self.encode(SEPARATOR)
+    tail = self.encode(suffix) + [self.eos_id]
+    n = text_len + 1
+    truncated = len(head) + len(tail) > n
+    if truncated:
+      head = head[:max(n - 1, 1)]
+      tail = tail[:max(n - len(head) - 1, 0)] + [self.eos_id]
+    tokens = np.full(n, self.pad_id, np.int32)
+    mask_ar, mask_loss = np.ones(n, np.int32), np.zeros(n, np.int32)
+    tokens[:len(head)], mask_ar[:len(head)] = head, 0
+    tokens[len(head):len(head) + len(tail)] = tail
+    mask_loss[len(head):len(head) + len(tail)] = 1
+    return tokens, mask_ar, mask_loss, truncated
+
 
 _DEMO_CORPUS = """a cat sitting on a red sofa next to a window
 two dogs running on the beach at sunset
