@@ -9,7 +9,7 @@ import torch
 from flax import traverse_util
 
 from tests import bv_fixtures, hf_reference
-from tests.conftest import spec_config, spec_overrides
+from tests.conftest import spec_config
 from tests.numerics import rel_err
 from paligemma_jax.data import image
 from paligemma_jax.model import paligemma
