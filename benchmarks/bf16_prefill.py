@@ -57,7 +57,12 @@ def main():
     with cpu.install():
       return fn.lower(tree, *inputs).compile()
 
-  sides = {"kernel": compiled()}
+  fast = cpu_kernels.gemm_is_fast
+  cpu_kernels.gemm_is_fast = lambda: True  # measured here whatever the CPU decides
+  try:
+    sides = {"kernel": compiled()}
+  finally:
+    cpu_kernels.gemm_is_fast = fast
   available = cpu_kernels.available
   cpu_kernels.available = lambda: False
   try:

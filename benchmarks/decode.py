@@ -87,10 +87,10 @@ def memory_needed(spec, dtype, hf_dtype) -> int:
   transient of building them."""
   n = param_count(spec)
   resident = n * ITEMSIZE[dtype] + (n * ITEMSIZE[hf_dtype] if hf_dtype else 0)
-  if dtype == "bfloat16" and not cpu_kernels.available():
-    # Without the CPU kernels, XLA:CPU computes bfloat16 dots in float32 and keeps float32
-    # copies of the weights while ours runs (3b alone, 5.8 GB of weights: about 20 GB).
-    # With them, 3b alone peaked at 10.3 GiB: resident + transient below.
+  if dtype == "bfloat16" and not (cpu_kernels.available() and cpu_kernels.gemm_is_fast()):
+    # Without the CPU GEMM kernel (no compiler, or no AVX-512), XLA:CPU computes the
+    # prefill's bfloat16 dots in float32 and keeps float32 copies of the weights while ours
+    # runs (3b alone, 5.8 GB of weights: about 20 GB). With it, 3b alone peaked at 10.3 GiB.
     resident += n * 4
   if spec is PRESETS["3b"]:  # lean path: one layer at a time plus the f32 embedding twice
     transient = 4 * 2 * spec["vocab"] * spec["llm_width"]

@@ -101,12 +101,16 @@ def _hlo(f, *args):
 
 
 def test_cpu_product_takes_the_kernels_for_bfloat16_weights(monkeypatch):
-  """matvec up to DECODE_ROWS rows, gemm above; float32 weights and no kernel: XLA's dot."""
+  """matvec up to DECODE_ROWS rows, gemm above where it is fast (AVX-512), else XLA's dot;
+  float32 weights and no kernel: XLA's dot. Both gemm routings checked, whatever this CPU."""
   w = _bf16(np.random.default_rng(0).standard_normal((300, 128)))
   few, many = jnp.ones((cpu.DECODE_ROWS, 128), jnp.bfloat16), jnp.ones((17, 128), jnp.bfloat16)
   targets = lambda x, w: [t for t in (cpu_kernels.TARGET, cpu_kernels.GEMM_TARGET)
                           if t in _hlo(cpu.product, x, w)]
   assert targets(few, w) == [cpu_kernels.TARGET]
+  monkeypatch.setattr(cpu_kernels, "gemm_is_fast", lambda: False)
+  assert targets(few, w) == [cpu_kernels.TARGET] and targets(many, w) == []
+  monkeypatch.setattr(cpu_kernels, "gemm_is_fast", lambda: True)
   assert targets(many, w) == [cpu_kernels.GEMM_TARGET]
   assert targets(few.astype(jnp.float32), w.astype(jnp.float32)) == []
   assert targets(many.astype(jnp.float32), w.astype(jnp.float32)) == []
@@ -134,6 +138,18 @@ def test_without_a_compiler_it_falls_back_and_says_why(monkeypatch, tmp_path, ca
   assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
+def test_gemm_is_fast_reads_avx512_from_the_cpu_flags(monkeypatch):
+  cpu_kernels.gemm_is_fast.cache_clear()
+  try:
+    monkeypatch.setattr(cpu_kernels, "_cpu_signature", lambda: "model name: x\nflags: fma avx2 avx512f")
+    assert cpu_kernels.gemm_is_fast()
+    cpu_kernels.gemm_is_fast.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "_cpu_signature", lambda: "model name: x\nflags: fma avx2")
+    assert not cpu_kernels.gemm_is_fast()
+  finally:
+    cpu_kernels.gemm_is_fast.cache_clear()
+
+
 def test_build_is_cached_by_content(tmp_path):
   first = cpu_kernels._build(tmp_path)
   stamp = first.stat().st_mtime_ns
@@ -143,13 +159,14 @@ def test_build_is_cached_by_content(tmp_path):
 
 @pytest.mark.parametrize("name", ["pg1_mqa", "pg2_gqa"])
 def test_bfloat16_weights_decode_like_reference(name, ckpt_path, flat_params, tokenizer,
-                                                test_image):
+                                                test_image, monkeypatch):
   """bfloat16 weights computed in float32 go through the kernel in every decode step; HF,
   float32 on the same bfloat16-rounded weights, must give the same 16 greedy tokens, and the
   cached decode's log-probabilities must equal a full forward's (XLA's dots) within 1e-4."""
   spec = bv_fixtures.SPECS[name]
   loaded = checkpoint.load_npz(ckpt_path(name, "bfloat16"), dtype=jnp.bfloat16,
                                overrides=spec_overrides(spec))
+  monkeypatch.setattr(cpu_kernels, "gemm_is_fast", lambda: True)  # its path, on any CPU
   pipe = PaliGemmaPipeline(loaded.config, loaded.params, tokenizer, dtype="float32",
                            cache_dtype="float32")
   [ours] = pipe.generate([test_image], ["caption en"], max_decode_len=16)

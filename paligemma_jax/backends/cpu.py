@@ -6,7 +6,8 @@ Measured on the benchmarks' `small` preset (benchmarks/README.md):
   activation transposes back into the slow form.
 - bfloat16 weights: XLA's CPU backend has no bfloat16 dot on most x86 CPUs and writes a
   float32 copy of each weight first (hoisting it out of the decode loop, so it keeps them
-  all); `cpu_kernels` widens in registers instead (`matvec` for few rows, `gemm` for many),
+  all); `cpu_kernels` widens in registers instead (`matvec` for few rows, `gemm` for many
+  where the CPU has AVX-512, `cpu_kernels.gemm_is_fast`),
   and looks up bfloat16 embedding rows (XLA widened the whole table, ~0.35 s a call).
 - 16-bit KV caches: XLA's CPU backend widens a 16-bit float update-slice to float32, the
   whole buffer and back; on the 16-bit integer view it writes in place.
@@ -24,8 +25,10 @@ def product(x, w, out_dtype=None):
   dtype (a bfloat16 w through the kernels: accumulated in float32)."""
   out_dtype = out_dtype or x.dtype
   if w.dtype == jnp.bfloat16 and cpu_kernels.available():
-    kernel = cpu_kernels.matvec if x.shape[0] <= DECODE_ROWS else cpu_kernels.gemm
-    return kernel(x, w).astype(out_dtype)
+    if x.shape[0] <= DECODE_ROWS:
+      return cpu_kernels.matvec(x, w).astype(out_dtype)
+    if cpu_kernels.gemm_is_fast():
+      return cpu_kernels.gemm(x, w).astype(out_dtype)
   if x.shape[0] > DECODE_ROWS:  # prefill is bound by arithmetic: the plain product
     return out_major.plain_product(x, w, out_dtype)
   barrier = jax.lax.optimization_barrier
