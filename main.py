@@ -257,7 +257,7 @@ def main(argv):
 
   sampler, forbidden = _check_flags(cfg)
   _check_paths(output_json=_OUTPUT_JSON.value, output_dir=_OUTPUT_DIR.value,
-               save_orbax=_SAVE_ORBAX.value, vae_ckpt=_VAE_CKPT.value)
+               save_orbax=_SAVE_ORBAX.value, save_hf=_SAVE_HF.value, vae_ckpt=_VAE_CKPT.value)
   _setup_jax(cfg)
   pipe, note = _pipeline(cfg)
   if note:

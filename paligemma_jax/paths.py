@@ -103,7 +103,7 @@ def check_vae(path: str, flag: str = "--vae_ckpt"):
 
 
 def check_outputs(*, output_json=None, output_jsonl=None, output_dir=None, save_orbax=None,
-                  vae_ckpt=None):
+                  save_hf=None, vae_ckpt=None):
   """Checks each given path (flag names as main.py's); raises PathError for the first bad one."""
   if output_json:
     check_output_file(output_json, "--output_json")
@@ -113,5 +113,7 @@ def check_outputs(*, output_json=None, output_jsonl=None, output_dir=None, save_
     check_output_dir(output_dir, "--output_dir")
   if save_orbax:
     check_new_dir(save_orbax, "--save_orbax")
+  if save_hf:
+    check_new_dir(save_hf, "--save_hf")
   if vae_ckpt:
     check_vae(vae_ckpt)

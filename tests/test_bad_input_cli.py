@@ -78,8 +78,9 @@ def _png(path, h=40, w=50, seed=0):
 # ---------------------------------------------------------------------------
 # 1. --save_orbax: checked before loading; a failing Orbax save never hangs.
 
+@pytest.mark.parametrize("flag", ["--save_orbax", "--save_hf"])
 @pytest.mark.parametrize("case", ["under_a_file", "existing_file", "existing_dir", "read_only"])
-def test_save_orbax_target_is_checked_before_loading(case, tmp_path, model_args, home, request):
+def test_save_target_is_checked_before_loading(flag, case, tmp_path, model_args, home, request):
   f = tmp_path / "f"
   f.write_text("user data")
   target, needle = {"under_a_file": (f / "sub", "not a directory"),
@@ -88,8 +89,8 @@ def test_save_orbax_target_is_checked_before_loading(case, tmp_path, model_args,
                     "read_only": (None, "not writable")}[case]
   if case == "read_only":
     target = request.getfixturevalue("read_only_dir") / "sub"
-  r = run_main(*model_args, f"--save_orbax={target}", home=home, timeout=120)
-  assert_refused(r, "--save_orbax", target, needle)
+  r = run_main(*model_args, f"{flag}={target}", home=home, timeout=120)
+  assert_refused(r, flag, target, needle)
   assert f.read_text() == "user data"
 
 
