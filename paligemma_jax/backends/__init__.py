@@ -42,8 +42,12 @@ def select(mesh=None, device=None, bfloat16: bool = False) -> Backend:
     device = device or jax.devices()[0]
     if device.platform == "cpu":
       from paligemma_jax.backends import cpu, cpu_kernels
-      kernels = "bfloat16 kernels " + ("built" if cpu_kernels.available() else "unavailable") \
-          if bfloat16 else "float32"
+      kernels = "float32"
+      if bfloat16 and not cpu_kernels.available():
+        kernels = "bfloat16 kernels unavailable"
+      elif bfloat16:
+        kernels = "bfloat16 kernels built" + (
+            "" if cpu_kernels.gemm_is_fast() else "; prefill products through XLA (no AVX-512)")
       backend = Backend("cpu", True, cpu.install,
                         f"one CPU device: out-major layer weights, XLA:CPU products ({kernels})")
     else:
