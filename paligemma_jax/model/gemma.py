@@ -196,12 +196,15 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    init = nn.initializers.normal()
-    w_gating = self.param("gating_einsum", init, (2, self.width, self.mlp_dim))
-    w_linear = self.param("linear", init, (self.mlp_dim, self.width))
-    gate, up = jnp.einsum("BTD,CDF->CBTF", x, w_gating.astype(self.dtype))
+    gate, up = self.project("gating_einsum", "BTD,CDF->CBTF", x, (2, self.width, self.mlp_dim))
     hidden = nn.gelu(gate, approximate=True) * up
-    return jnp.einsum("BTF,FD->BTD", hidden, w_linear.astype(self.dtype))
+    return self.project("linear", "BTF,FD->BTD", hidden, (self.mlp_dim, self.width))
+
+  def project(self, name, eqn, x, shape):
+    """The einsum of x with the weight `name` (a method of its own, like `Einsum.__call__`,
+    so that interceptors such as LoRA see every weight product)."""
+    w = self.param(name, nn.initializers.normal(), shape)
+    return jnp.einsum(eqn, x, w.astype(self.dtype))
 
 
 class Block(nn.Module):

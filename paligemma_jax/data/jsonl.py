@@ -1,0 +1,166 @@
+"""Training and evaluation examples: big_vision's `bv:jsonl` format, one example a line:
+
+  {"image": "images/0001.jpg", "prefix": "caption en", "suffix": "a red circle"}
+
+`image` is relative to the JSONL file's folder (or absolute). The same file is the trainer's
+data, the evaluator's references and the batch job's input.
+
+Axis letters: N examples, T text_len + 1 tokens.
+"""
+import concurrent.futures
+import dataclasses
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from paligemma_jax.data import image as image_lib
+
+FIELDS = ("image", "prefix", "suffix")
+
+
+class DataError(ValueError):
+  """A data file that cannot be used; the message names the file and the line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  image: str  # resolved path
+  prefix: str
+  suffix: object  # str; a list of str (several references) where the caller allows it
+  line: int  # 1-based line in its file
+
+
+def read_examples(path: str, suffix_lists: bool = False) -> list:
+  """Reads a JSONL file of examples -> [Example]. Empty lines are skipped.
+
+  Raises DataError naming the file and line for a line that is not a JSON object, lacks a
+  field or has one of the wrong type, and for an empty file. suffix_lists: a list of strings is
+  allowed as `suffix` (the evaluator's several references).
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: no such data file")
+  base = os.path.dirname(os.path.abspath(path))
+  examples = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{number}"
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not JSON ({e.msg} at column {e.colno}): {line.strip()[:80]!r}")
+      if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with {', '.join(FIELDS)}, got "
+                        f"{type(row).__name__}")
+      missing = [k for k in FIELDS if k not in row]
+      if missing:
+        raise DataError(f"{where}: missing field{'s' * (len(missing) > 1)} "
+                        f"{', '.join(missing)} (each line needs {', '.join(FIELDS)})")
+      for key in ("image", "prefix"):
+        if not isinstance(row[key], str):
+          raise DataError(f"{where}: field {key!r} must be a string, got "
+                          f"{type(row[key]).__name__}")
+      suffix = row["suffix"]
+      is_list = (isinstance(suffix, list) and suffix and all(isinstance(s, str) for s in suffix))
+      if not (isinstance(suffix, str) or (suffix_lists and is_list)):
+        want = "a string or a non-empty list of strings" if suffix_lists else "a string"
+        raise DataError(f"{where}: field 'suffix' must be {want}, got {json.dumps(suffix)[:60]}")
+      examples.append(Example(os.path.normpath(os.path.join(base, row["image"])), row["prefix"],
+                              suffix, number))
+  if not examples:
+    raise DataError(f"{path}: no examples (the file is empty)")
+  return examples
+
+
+def check_images(examples: Sequence[Example], path: str):
+  """Opens every image's header (no decoding). An unreadable image is fatal, before training
+  starts: skipping it would silently change what the model learns and the data order that an
+  exact resume relies on; fix or remove the line."""
+  for ex in examples:
+    try:
+      with Image.open(ex.image) as img:
+        if img.width == 0 or img.height == 0:
+          raise ValueError("zero size")
+    except FileNotFoundError:
+      raise DataError(f"{path}:{ex.line}: image {ex.image} does not exist (unreadable images "
+                      "stop training: fix or remove the line)") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+      raise DataError(f"{path}:{ex.line}: image {ex.image} cannot be read ({e}; unreadable "
+                      "images stop training: fix or remove the line)") from None
+
+
+@dataclasses.dataclass
+class Tokenized:
+  tokens: np.ndarray     # (N, T) int32
+  mask_ar: np.ndarray    # (N, T) int32
+  mask_loss: np.ndarray  # (N, T) int32
+  truncated: int         # examples cut to fit text_len (each keeps its eos)
+
+
+def tokenize(tokenizer, examples: Sequence[Example], text_len: int, path: str) -> Tokenized:
+  """Every example in big_vision's training layout (`Tokenizer.training_example`).
+
+  Raises DataError when text_len cannot hold an example's `[bos] prefix "\\n"` plus one suffix
+  token and the eos: such an example would teach nothing.
+  """
+  rows, truncated, too_short = [], 0, []
+  for ex in examples:
+    head = 1 + len(tokenizer.encode(ex.prefix)) + len(tokenizer.encode("\n"))
+    if head + 2 > text_len + 1:
+      too_short.append((ex.line, head))
+    tokens, mask_ar, mask_loss, cut = tokenizer.training_example(ex.prefix, ex.suffix, text_len)
+    rows.append((tokens, mask_ar, mask_loss))
+    truncated += bool(cut)
+  if too_short:
+    line, head = max(too_short, key=lambda x: x[1])
+    raise DataError(
+        f"{path}: text_len={text_len} is too small for {len(too_short)} of {len(examples)} "
+        f"examples (line {line}: bos + prefix + separator alone take {head} tokens, and the "
+        f"suffix needs at least 2 more); use text_len >= {head + 1}")
+  tokens, mask_ar, mask_loss = (np.stack(r) for r in zip(*rows))
+  return Tokenized(tokens, mask_ar, mask_loss, truncated)
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """The shuffled order of epoch `epoch`: a function of (seed, epoch) only, so that any step's
+  examples can be found again on resume."""
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def batch_indices(num_examples: int, seed: int, start: int, count: int) -> np.ndarray:
+  """Indices of examples start .. start+count-1 of the endless stream of shuffled epochs."""
+  positions = np.arange(start, start + count)
+  epochs, within = np.divmod(positions, num_examples)
+  orders = {e: epoch_order(num_examples, seed, e) for e in np.unique(epochs)}
+  return np.array([orders[e][i] for e, i in zip(epochs, within)], np.int64)
+
+
+class Pixels:
+  """Decodes and preprocesses images on a thread pool: `get(examples)` -> (n, S, S, 3) float32
+  in [-1, 1]. `prefetch` starts a batch early so that decoding overlaps training."""
+
+  def __init__(self, size: int, threads: int = 2):
+    self.size = size
+    self.pool = concurrent.futures.ThreadPoolExecutor(threads)
+    self._pending = {}
+
+  def _load(self, path: str) -> np.ndarray:
+    return image_lib.preprocess(image_lib.load_image(path), self.size)
+
+  def prefetch(self, key, paths: Sequence[str]):
+    self._pending[key] = [self.pool.submit(self._load, p) for p in paths]
+
+  def get(self, key, paths: Optional[Sequence[str]] = None) -> np.ndarray:
+    futures = self._pending.pop(key, None)
+    if futures is None:
+      self.prefetch(key, paths)
+      futures = self._pending.pop(key)
+    return np.stack([f.result() for f in futures])
+
+  def close(self):
+    self.pool.shutdown(wait=False, cancel_futures=True)
