@@ -85,7 +85,7 @@ def _read_jsonl_inputs(path: str, prompt: str) -> list:
       raise JobError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
       raise JobError(f'{path}:{n}: expected {{"image": PATH, "prompt": "..."}}, got {line[:80]}')
-    p = row.get("prompt", prompt)
+    p = row.get("prompt", row.get("prefix", prompt))  # "prefix": the trainer's data lines
     if not isinstance(p, str):
       raise JobError(f"{path}:{n}: prompt must be a string")
     image = row["image"]
@@ -98,8 +98,8 @@ def collect_inputs(spec: str, prompt: str) -> list:
   """--images value -> [Item], in a stable order (sorted paths, or the .jsonl's order).
 
   spec: a directory (its image files by extension, not recursive), a .jsonl file of
-  {"image": path, "prompt": "..."} lines (prompt optional, default `prompt`; relative
-  paths are relative to the .jsonl), a glob (`**` recurses) or one image file.
+  {"image": path, "prompt": "..."} lines (prompt optional, default `prompt`; the trainer's
+  lines, with "prefix", serve as they are; relative paths are relative to the .jsonl), a glob (`**` recurses) or one image file.
   """
   if not spec:
     raise JobError("--images is empty")

@@ -171,7 +171,7 @@ def make_train_step(model, tx, sched, cfg, intercept=None):
       zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, trainable))
       (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), batch))
       loss, grads = jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": cfg.lr * sched(step)}
@@ -353,9 +353,11 @@ class Trainer:
     os.replace(tmp, path)
 
   def _state(self):
+    # The scalars and the key as host (numpy) arrays: a one-device jax.Array cannot be saved
+    # when several processes save together; numpy ones are written by process 0.
     return {"trainable": self.trainable, "frozen": self.frozen, "opt_state": self.opt_state,
-            "step": jnp.asarray(self.step, jnp.int32), "rng": self.rng,
-            "examples_seen": jnp.asarray(self.step * self.cfg.batch_size, jnp.int32)}
+            "step": np.asarray(self.step, np.int32), "rng": np.asarray(self.rng),
+            "examples_seen": np.asarray(self.step * self.cfg.batch_size, np.int32)}
 
   def _restore(self, abstract, trainable_abstract):
     def spec(flat):
@@ -371,14 +373,13 @@ class Trainer:
       opt_abstract = jax.tree_util.tree_map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract, opt_shard)
     target = {"trainable": trainable_spec, "frozen": spec(frozen_abstract),
-              "opt_state": opt_abstract, "step": jax.ShapeDtypeStruct((), jnp.int32),
-              "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0)),
-              "examples_seen": jax.ShapeDtypeStruct((), jnp.int32)}
+              "opt_state": opt_abstract, "step": np.zeros((), np.int32),
+              "rng": np.zeros((2,), np.uint32), "examples_seen": np.zeros((), np.int32)}
     import orbax.checkpoint as ocp
     state = self.manager.restore(self.resume_step, args=ocp.args.StandardRestore(target))
     self.trainable, self.frozen, self.opt_state = (state["trainable"], state["frozen"],
                                                    state["opt_state"])
-    self.step, self.rng = int(state["step"]), state["rng"]
+    self.step, self.rng = int(state["step"]), jnp.asarray(state["rng"], jnp.uint32)
 
   # -- batches ------------------------------------------------------------------------------
 
@@ -409,8 +410,13 @@ class Trainer:
   def run(self) -> dict:
     """Trains to total_steps (from where DIR stands) and writes final.npz -> the last metrics."""
     cfg = self.cfg
+    keep = {}
+    if self.mesh is not None:  # the state keeps its layout (the compiled step checks it)
+      layout = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)
+      keep["out_shardings"] = (layout(self.trainable), layout(self.opt_state),
+                               jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
     step_fn = jax.jit(make_train_step(self.model, self.tx, self.sched, cfg, self.intercept),
-                      donate_argnums=(0, 1))
+                      donate_argnums=(0, 1), **keep)
     eval_fn = jax.jit(make_eval_step(self.model, cfg, self.intercept))
     pixels = jsonl.Pixels(self.config.image_size)
     paths = lambda idx: [self.train.examples[i].image for i in idx]
