@@ -3,7 +3,8 @@
   python main.py --ckpt=pt_224.npz --tokenizer=paligemma_tokenizer.model \
       --image=cat.jpg --prompt="caption en" --max_decode_len=32 --output_json=out.json
 
-With no --ckpt it runs the embedded default: a tiny model with random weights.
+With no --ckpt it runs the embedded default: a small model trained here on procedural scenes of
+coloured shapes (checkpoints/shapes/, configs/shapes.py), on a scene in assets/.
 """
 import os
 import sys
@@ -29,7 +30,7 @@ except (AttributeError, KeyError, TypeError, ValueError) as e:
         file=sys.stderr)
   sys.exit(2)
 _CKPT = flags.DEFINE_string("ckpt", None, "big_vision PaliGemma .npz, Orbax directory or "
-                            "transformers PaliGemma directory; none = embedded tiny demo.")
+                            "transformers PaliGemma directory; none = the embedded shapes model.")
 _IMG_CKPT = flags.DEFINE_string(
     "img_ckpt", None, "With --ckpt=GEMMA_ORBAX_DIR (a Gemma release): the big_vision .npz whose "
     "img/... (vision tower) completes the model, as big_vision's model_init combines them.")
@@ -171,6 +172,16 @@ def _pipeline(cfg):
                                           require_commit_marker=not unmarked_ok, **kw), None
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
       _fail(str(e))
+  if demo.shipped():
+    try:
+      pipe = PaliGemmaPipeline.from_files(demo.SHAPES_MODEL, _TOKENIZER.value or
+                                          demo.SHAPES_TOKENIZER, **kw)
+    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+      _fail(str(e))
+    return pipe, ("embedded default: checkpoints/shapes/model.npz, a small PaliGemma-2-like "
+                  "model trained by this project (configs/shapes.py) on scenes of coloured "
+                  "circles, squares and triangles; it knows nothing else. Pass --ckpt and "
+                  "--tokenizer for a real model.")
   import jax
   t0 = time.perf_counter()
   config = demo.demo_config()
@@ -180,8 +191,16 @@ def _pipeline(cfg):
   cache_dir = os.path.expanduser("~/.cache/paligemma_jax/demo")
   tokenizer = Tokenizer(_TOKENIZER.value or demo.demo_tokenizer(cache_dir))
   pipe = PaliGemmaPipeline(config, params, tokenizer, load_s=time.perf_counter() - t0, **kw)
-  return pipe, ("embedded default: a tiny PaliGemma-2-like model with RANDOM weights; "
-                "its answer is noise. Pass --ckpt and --tokenizer for a real model.")
+  return pipe, ("embedded default: checkpoints/shapes/ is missing, so a tiny model with "
+                "RANDOM weights answers noise. Pass --ckpt and --tokenizer for a real model.")
+
+
+def _vae_ckpt():
+  """--vae_ckpt, or with the embedded default its own VQ-VAE."""
+  from paligemma_jax import demo
+  if _VAE_CKPT.value or _CKPT.value or not demo.shipped():
+    return _VAE_CKPT.value
+  return demo.SHAPES_VAE
 
 
 def _check_paths(**kw):
@@ -222,7 +241,7 @@ def _run_many(cfg):
 
   common = dict(max_decode_len=_MAX_LEN.value, sampler=_SAMPLER.value, seed=_SEED.value,
                 answer_start=_ANSWER_START.value, forbidden_ids=forbidden,
-                output_dir=_OUTPUT_DIR.value, vae_ckpt=_VAE_CKPT.value)
+                output_dir=_OUTPUT_DIR.value, vae_ckpt=_vae_ckpt())
   if _INTERACTIVE.value:
     sys.exit(interactive.main(load, _IMAGE.value or demo.DEMO_IMAGE, **common))
   try:
@@ -251,13 +270,13 @@ def main(argv):
     prompt = _PROMPT.value if _PROMPT.value != "caption en" else "detect"
     if "<seg" in _ANSWER.value:
       prompt = "segment"
-    _check_paths(output_dir=_OUTPUT_DIR.value, vae_ckpt=_VAE_CKPT.value)
-    _write_task_outputs(_ANSWER.value, prompt, img, _VAE_CKPT.value, _OUTPUT_DIR.value)
+    _check_paths(output_dir=_OUTPUT_DIR.value, vae_ckpt=_vae_ckpt())
+    _write_task_outputs(_ANSWER.value, prompt, img, _vae_ckpt(), _OUTPUT_DIR.value)
     return
 
   sampler, forbidden = _check_flags(cfg)
   _check_paths(output_json=_OUTPUT_JSON.value, output_dir=_OUTPUT_DIR.value,
-               save_orbax=_SAVE_ORBAX.value, save_hf=_SAVE_HF.value, vae_ckpt=_VAE_CKPT.value)
+               save_orbax=_SAVE_ORBAX.value, save_hf=_SAVE_HF.value, vae_ckpt=_vae_ckpt())
   _setup_jax(cfg)
   pipe, note = _pipeline(cfg)
   if note:
@@ -306,7 +325,8 @@ def main(argv):
                 logprobs=result.logprobs, timing=t, image=image_path,
                 ckpt=_CKPT.value, random_weights=note is not None)
   if _OUTPUT_DIR.value:
-    written = _write_task_outputs(result.text, result.prompt, img, _VAE_CKPT.value, _OUTPUT_DIR.value)
+    written = _write_task_outputs(result.text, result.prompt, img, _vae_ckpt(),
+                                  _OUTPUT_DIR.value)
     if written:
       record["objects"] = written.get("objects")
   if _OUTPUT_JSON.value:

@@ -48,6 +48,8 @@ def get_config():
   c.keep_ckpts = 2
   c.log_steps = 1
   c.eval_steps = 50       # validation loss every this many steps (and at the end)
+  c.eval_decode = True    # also answer val_data greedily and score it with eval/'s evaluators
+  c.vae = ""              # VQ-VAE (vae-oid.npz) for the segment evaluator
   c.mesh = ""             # DATAxMODEL, e.g. 4x2; "" = one device
   c.matmul_precision = "highest"
 

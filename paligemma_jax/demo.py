@@ -1,7 +1,9 @@
-"""The embedded default: a tiny random PaliGemma, a tiny tokenizer, an image in the repo.
+"""The embedded default: a small PaliGemma trained here on procedural shapes
+(`checkpoints/shapes/`: model, tokenizer, VQ-VAE; `configs/shapes.py`), and a scene it never saw
+(`assets/scene.png`). It runs the whole path (preprocess, prefill, while_loop decode, answers,
+pictures) on a machine with no downloaded weights.
 
-It exercises the whole path (preprocess, prefill, while_loop decode, detokenize)
-on a machine with no downloaded weights. Its weights are random, so its answers are noise.
+Also the tiny random architecture (`demo_config`) and tokenizer the tests use.
 """
 import os
 
@@ -9,7 +11,20 @@ from paligemma_jax.model import gemma, paligemma, vit
 from paligemma_jax.data.tokenizer import train_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_IMAGE = os.path.join(REPO, "assets", "demo.png")
+SHIPPED = os.path.join(REPO, "checkpoints", "shapes")
+SHAPES_MODEL = os.path.join(SHIPPED, "model.npz")
+SHAPES_TOKENIZER = os.path.join(SHIPPED, "tokenizer.model")
+SHAPES_VAE = os.path.join(SHIPPED, "vae.npz")
+SCENE = os.path.join(REPO, "assets", "scene.png")  # a held-out scene (seed 2026, not trained on)
+
+
+def shipped() -> bool:
+  """Whether the trained embedded default (model, tokenizer, VQ-VAE) is in the checkout."""
+  return all(os.path.exists(p) for p in (SHAPES_MODEL, SHAPES_TOKENIZER, SHAPES_VAE))
+
+
+DEMO_IMAGE = SCENE if shipped() and os.path.exists(SCENE) else os.path.join(REPO, "assets",
+                                                                            "demo.png")
 
 
 def demo_config(image_size: int = 224) -> paligemma.PaliGemmaConfig:
@@ -19,6 +34,17 @@ def demo_config(image_size: int = 224) -> paligemma.PaliGemmaConfig:
                         num_heads=4, out_dim=128),
       llm=gemma.GemmaConfig(width=128, depth=2, mlp_dim=256, num_heads=4, num_kv_heads=2,
                             head_dim=32, vocab_size=1536, post_norms=True,
+                            attn_logits_softcap=50.0, final_logits_softcap=30.0))
+
+
+def shapes_config() -> paligemma.PaliGemmaConfig:
+  """The embedded default's architecture (about 2 M parameters): 112 px (64 image tokens),
+  PaliGemma-2-like (post-norms, softcaps; MQA for speed), trained on `data/shapes.py`."""
+  return paligemma.PaliGemmaConfig(
+      vit=vit.ViTConfig(image_size=112, patch=14, width=128, depth=4, mlp_dim=512,
+                        num_heads=4, out_dim=128),
+      llm=gemma.GemmaConfig(width=128, depth=4, mlp_dim=512, num_heads=4, num_kv_heads=1,
+                            head_dim=32, vocab_size=1280, post_norms=True,
                             attn_logits_softcap=50.0, final_logits_softcap=30.0))
 
 

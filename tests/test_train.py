@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from tests import bv_fixtures, train_fixtures
+from tests import train_fixtures
 from paligemma_jax.data.jsonl import DataError
 from paligemma_jax.model import paligemma
 from paligemma_jax.train import lora as lora_lib

@@ -108,7 +108,8 @@ cat ; dog ; person ; car ; bird ; tree ; house ; bicycle ; boat ; chair
 """
 
 
-def train_tiny_tokenizer(out_dir: Optional[str] = None, vocab_size: int = 1400) -> str:
+def train_tiny_tokenizer(out_dir: Optional[str] = None, vocab_size: int = 1400,
+                         corpus_text: str = _DEMO_CORPUS, name: str = "tiny_tokenizer") -> str:
   """Trains a small sentencepiece model with Gemma's special ids and the loc/seg pieces.
 
   pad 0, eos 1, bos 2, unk 3, then "\\n", `<loc0000>`..`<loc1023>`, `<seg000>`..`<seg127>`,
@@ -120,8 +121,8 @@ def train_tiny_tokenizer(out_dir: Optional[str] = None, vocab_size: int = 1400) 
   corpus = os.path.join(out_dir, "corpus.txt")
   with open(corpus, "w") as f:
     for _ in range(20):
-      f.write(_DEMO_CORPUS)
-  prefix = os.path.join(out_dir, "tiny_tokenizer")
+      f.write(corpus_text)
+  prefix = os.path.join(out_dir, name)
   spm.SentencePieceTrainer.Train(
       input=corpus, model_prefix=prefix, vocab_size=vocab_size, hard_vocab_limit=False,
       model_type="bpe", character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3,

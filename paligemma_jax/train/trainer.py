@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import time
-from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -32,9 +31,9 @@ from paligemma_jax.model import gemma, paligemma, vit
 from paligemma_jax.options import as_dtype
 from paligemma_jax.train import lora as lora_lib
 from paligemma_jax.train import loss as loss_lib
-from paligemma_jax.train import optim
+from paligemma_jax.train import optim, shapes_recipe
 
-ARCHS = {"demo": demo.demo_config}  # random-init architectures: name -> f(image_size)
+ARCHS = {"demo": demo.demo_config, "shapes": demo.shapes_config}  # random-init architectures
 
 
 class TrainError(ValueError):
@@ -221,9 +220,13 @@ class Trainer:
       self.tokenizer = Tokenizer(cfg.tokenizer)
     except (FileNotFoundError, ValueError) as e:
       raise TrainError(f"--config.tokenizer: {e}") from None
-    self.train = load_data(cfg.train_data, self.tokenizer, cfg.text_len, "training")
-    self.val = (load_data(cfg.val_data, self.tokenizer, cfg.text_len, "validation")
-                if cfg.val_data else None)
+    self.train = load_data(self._data_path(cfg.train_data), self.tokenizer, cfg.text_len,
+                           "training")
+    self.val = (load_data(self._data_path(cfg.val_data), self.tokenizer, cfg.text_len,
+                          "validation") if cfg.val_data else None)
+    if self.val is not None and cfg.eval_decode:
+      from paligemma_jax.eval import evaluators
+      self.val_refs, self.val_masks = evaluators.read_references(self.val.path)
     if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
       raise TrainError(f"--workdir={workdir} exists and is not a directory")
     os.makedirs(self.workdir, exist_ok=True)
@@ -231,6 +234,16 @@ class Trainer:
     self.manager = _manager(self.ckpt_dir, cfg.keep_ckpts)
     self.resume_step = self.manager.latest_step()
     self._setup_params()
+
+  def _data_path(self, path: str) -> str:
+    """A JSONL path, or `shapes:NUM:SEED`: the procedural data set, written on first use."""
+    if not shapes_recipe.is_spec(path):
+      return path
+    try:
+      return shapes_recipe.prepare(path, self.cfg.get("data_cache", "~/.cache/paligemma_jax"),
+                                   self.cfg.get("shapes_vae", ""))
+    except (FileNotFoundError, ValueError) as e:
+      raise TrainError(f"{path}: {e}") from None
 
   # -- parameters --------------------------------------------------------------------------
 
@@ -459,6 +472,8 @@ class Trainer:
           done = self.step == cfg.total_steps
           if self.val is not None and (self.step % cfg.eval_steps == 0 or done):
             last["val_loss"] = self.validate(eval_fn, pixels)
+            if cfg.eval_decode:
+              last.update(self.evaluate())
           if self.step % cfg.log_steps == 0 or done or "val_loss" in last:
             _append_metrics(metrics_path, last)
           if bar is not None:
@@ -484,6 +499,29 @@ class Trainer:
       losses = sharding.to_host(eval_fn(self.trainable, self.frozen, batch))
       total += float(losses[:min(self.micro, n - start)].sum())
     return total / n
+
+  def evaluate(self) -> dict:
+    """The evaluators of `eval/` on val_data, per task its prompts ask for (greedy answers of
+    the model as it stands) -> {"val_TASK_METRIC": value}."""
+    from paligemma_jax.eval import evaluators
+    from paligemma_jax.pipeline import PaliGemmaPipeline
+    params = {k: jnp.asarray(v) for k, v in self.merged_params().items()}
+    pipe = PaliGemmaPipeline(self.config, traverse_util.unflatten_dict(params, sep="/"),
+                             self.tokenizer, cache_dtype="float32", mesh=self.mesh)
+    vae = self.cfg.get("vae") or self.cfg.get("shapes_vae") or None
+    out = {}
+    for task in evaluators.TASKS:
+      rows = [i for i, ex in enumerate(self.val_refs) if evaluators.task_of(ex.prefix) == task]
+      if not rows or (task == "segment" and not vae):
+        continue
+      examples = [self.val_refs[i] for i in rows]
+      answers = evaluators.predict(pipe, examples, batch_size=self.micro,
+                                   max_decode_len=self.cfg.text_len)
+      metrics, _ = evaluators.score(task, examples, answers, vae=vae,
+                                    gt_masks=[self.val_masks[i] for i in rows])
+      out.update({f"val_{task}_{k}": v for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out
 
   def save(self):
     import orbax.checkpoint as ocp
