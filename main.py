@@ -270,8 +270,8 @@ def main(argv):
     prompt = _PROMPT.value if _PROMPT.value != "caption en" else "detect"
     if "<seg" in _ANSWER.value:
       prompt = "segment"
-    _check_paths(output_dir=_OUTPUT_DIR.value, vae_ckpt=_vae_ckpt())
-    _write_task_outputs(_ANSWER.value, prompt, img, _vae_ckpt(), _OUTPUT_DIR.value)
+    _check_paths(output_dir=_OUTPUT_DIR.value, vae_ckpt=_VAE_CKPT.value)
+    _write_task_outputs(_ANSWER.value, prompt, img, _VAE_CKPT.value, _OUTPUT_DIR.value)
     return
 
   sampler, forbidden = _check_flags(cfg)
@@ -323,7 +323,9 @@ def main(argv):
         f"{t['generated_tokens']} tokens ({rate:.1f} tokens/s)")
   record = dict(prompt=result.prompt, text=result.text, tokens=result.tokens,
                 logprobs=result.logprobs, timing=t, image=image_path,
-                ckpt=_CKPT.value, random_weights=note is not None)
+                ckpt=_CKPT.value, random_weights=bool(note and "RANDOM" in note),
+                model=_CKPT.value or (demo.SHAPES_MODEL if note and "RANDOM" not in note
+                                      else "random"))
   if _OUTPUT_DIR.value:
     written = _write_task_outputs(result.text, result.prompt, img, _vae_ckpt(),
                                   _OUTPUT_DIR.value)

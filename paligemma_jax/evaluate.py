@@ -8,7 +8,7 @@ elsewhere (main.py --images=REF.jsonl --output_jsonl=PRED.jsonl).
 
 Tasks: caption (cider, bleu4, exact_match), vqa (accuracy, anls), detect (map, map50),
 segment (miou, boxacc50; needs --vae_ckpt); with --ckpt also the references' perplexity.
-Writes OUT.json (metrics), a per-example JSONL and, for detect/segment, worst.png.
+Writes OUT.json (metrics), a per-example JSONL and, for detect/segment, OUT.worst.png.
 """
 import os
 import sys
@@ -31,7 +31,7 @@ _PREDICTIONS = flags.DEFINE_string("predictions", None, "Answers made elsewhere:
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Metrics are written here.")
 _OUTPUT_JSONL = flags.DEFINE_string("output_jsonl", None, "Per-example predictions and scores; "
                                     "default OUT.examples.jsonl beside --output_json.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "detect/segment: worst.png goes here; "
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "detect/segment: OUT.worst.png goes here; "
                                   "default the folder of --output_json.")
 _VAE_CKPT = flags.DEFINE_string("vae_ckpt", None, "segment: the VQ-VAE vae-oid.npz.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "With --ckpt: examples per batch.")
@@ -180,7 +180,9 @@ def main(argv):
   try:
     if "output_dir" in out:
       os.makedirs(out["output_dir"], exist_ok=True)
-      worst = os.path.join(out["output_dir"], "worst.png")
+      # Named after OUT.json, so that detect and segment scored into one folder keep both.
+      stem = os.path.splitext(os.path.basename(out["output_json"]))[0]
+      worst = os.path.join(out["output_dir"], f"{stem}.worst.png")
       report.draw_worst(task, examples, matched.predictions, per_example, worst, vae=vae,
                         gt_masks=gt_masks)
       result["worst_png"] = worst

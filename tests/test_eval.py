@@ -362,9 +362,9 @@ def test_cli_predictions_vqa_and_detect(tmp_path):
   got = json.loads((tmp_path / "det.json").read_text())
   # cat: 1 of 2 found, first in order (AP 51/101); dog: none (0).
   assert got["map50"] == pytest.approx(51 / 101 / 2) and got["missing_predictions"] == 1
-  with Image.open(out_dir / "worst.png") as im:
+  with Image.open(out_dir / "det.worst.png") as im:
     assert im.width >= 600 and im.height >= 300
-  assert got["worst_png"] == str(out_dir / "worst.png")
+  assert got["worst_png"] == str(out_dir / "det.worst.png")
 
 
 def test_cli_predictions_segment(tmp_path, solid_vae):
@@ -377,7 +377,7 @@ def test_cli_predictions_segment(tmp_path, solid_vae):
   assert r.returncode == 0, r.stderr
   got = json.loads((tmp_path / "seg.json").read_text())
   assert got["miou"] == pytest.approx(0.5) and got["boxacc50"] == pytest.approx(2 / 3)
-  assert (tmp_path / "worst.png").is_file()
+  assert (tmp_path / "seg.worst.png").is_file()
 
 
 @pytest.mark.parametrize("case", ["no_suffix", "pred_not_json", "unknown_task", "both_sources",

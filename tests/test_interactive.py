@@ -145,7 +145,7 @@ def test_real_program_through_a_terminal(tmp_path, tmp_path_factory):
     return match
 
   try:
-    child.expect_exact("RANDOM weights")
+    child.expect_exact("embedded default")
     child.expect_exact(interactive.PROMPT)
     first = step("caption en", stats)
     assert int(first.group(1)) <= 6 and first.group(2)  # the first prompt compiles

@@ -139,8 +139,24 @@ _FAN_IN = {"embedding/kernel": (0, 1, 2), "query/kernel": (1,), "key/kernel": (1
            "attn_vec_einsum/w": (1, 2), "gating_einsum": (2,), "linear": (1,)}
 
 
-def init_params(config: PaliGemmaConfig, seed: int = 0):
+def posemb_sincos_2d(side: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """(1, side*side, width) fixed 2D sin-cos position codes (as MAE and big_vision's
+  `posemb="sincos2d"`): a quarter of the width each for sin and cos of the row and the column
+  at geometric frequencies. A from-scratch ViT knows where each patch is from the first step."""
+  quarter = width // 4
+  omega = 1.0 / temperature ** (np.arange(quarter) / max(quarter - 1, 1))
+  y, x = np.mgrid[0:side, 0:side]
+  ay, ax = np.outer(y.ravel(), omega), np.outer(x.ravel(), omega)
+  pe = np.concatenate([np.sin(ax), np.cos(ax), np.sin(ay), np.cos(ay)], axis=1)
+  return np.pad(pe, ((0, 0), (0, width - pe.shape[1])))[None].astype(np.float32)
+
+
+def init_params(config: PaliGemmaConfig, seed: int = 0, posemb: str = "normal"):
   """Random float32 parameters in the big_vision tree, drawn with numpy (no compile).
+
+  posemb: "normal" draws the ViT's position embedding as N(0, 0.02^2); "sincos2d" starts it
+  from `posemb_sincos_2d` (it is still trained), which training from scratch needs to learn
+  where things are in reasonable time.
 
   Weights ~ N(0, 1/fan_in) (the embedding N(0, 1/D^2)); LayerNorm scales 1, RMSNorm scales and biases 0.
   For the embedded demo and tests: random weights answer noise.
@@ -157,6 +173,8 @@ def init_params(config: PaliGemmaConfig, seed: int = 0):
         value /= np.sqrt(shape[1])
     elif key.endswith("pos_embedding"):
       value = 0.02 * rng.standard_normal(shape)
+      if posemb == "sincos2d":
+        value = posemb_sincos_2d(config.image_size // config.vit.patch, shape[-1])
     elif key.endswith("scale") and key.startswith("img/"):
       value = np.ones(shape)
     else:

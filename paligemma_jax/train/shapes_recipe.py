@@ -56,3 +56,23 @@ def prepare(spec: str, cache_dir: str, vae_path: str) -> str:
   shutil.rmtree(folder, ignore_errors=True)
   os.replace(tmp, folder)
   return done
+
+
+def write_split(out: str, num_scenes: int, seed: int, vae_path: str) -> dict:
+  """Fresh scenes as JSONL files, all tasks and one per task (`shapes.write`) -> paths."""
+  params = vqvae.load_vae(vae_path, parts=("encoder",))
+  encode = lambda masks: vqvae.encode_masks(params, (np.asarray(masks) + 1) / 2)
+  return shapes.write(out, num_scenes, seed, encode)
+
+
+if __name__ == "__main__":  # python -m paligemma_jax.train.shapes_recipe --out=DIR ...
+  import argparse
+  parser = argparse.ArgumentParser(description="Write shapes scenes as JSONL (held-out sets).")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--scenes", type=int, default=500)
+  parser.add_argument("--seed", type=int, default=500)
+  parser.add_argument("--vae", default=os.path.join(os.path.dirname(os.path.dirname(
+      os.path.dirname(os.path.abspath(__file__)))), "checkpoints", "shapes", "vae.npz"))
+  args = parser.parse_args()
+  for task, path in write_split(args.out, args.scenes, args.seed, args.vae).items():
+    print(f"{task}: {path}")

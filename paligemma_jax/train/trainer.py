@@ -269,7 +269,8 @@ class Trainer:
       config = ARCHS[cfg.arch]()
       self.config = dataclasses.replace(config, llm=dataclasses.replace(
           config.llm, **{k: v for k, v in _overrides(cfg).items()}))
-      base = traverse_util.flatten_dict(paligemma.init_params(self.config, cfg.seed), sep="/")
+      base = traverse_util.flatten_dict(paligemma.init_params(
+          self.config, cfg.seed, posemb=cfg.get("init_posemb", "normal")), sep="/")
     if self.tokenizer.vocab_size > self.config.llm.vocab_size:
       raise TrainError(f"--config.tokenizer has {self.tokenizer.vocab_size} pieces but the "
                        f"model's embedding has {self.config.llm.vocab_size} rows")
