@@ -155,7 +155,7 @@ def test_real_program_through_a_terminal(tmp_path, tmp_path_factory):
     step("/image /nope.png", "error: /nope.png: no such image file", exact=True)
     step("/sampler nucleus(0.9)", "sampler: nucleus(0.9, 1)", exact=True)
     step("/sampler nucleus(2)", "error: sampler 'nucleus(2)': p must be in (0, 1]", exact=True)
-    step("/sampler topk(k=5000)", "error: sampler topk(5000, 1): k=5000 exceeds the 1400 token "
+    step("/sampler topk(k=5000)", "error: sampler topk(5000, 1): k=5000 exceeds the 1280 token "
          "ids left to generate", exact=True)
     step("/frobnicate", "error: unknown command /frobnicate", exact=True)
     step("/max_len 4", "max_len: 4", exact=True)
