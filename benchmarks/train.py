@@ -195,8 +195,7 @@ class HF:
     try:
       return timed(step, warmup, steps)
     finally:
-      opt.zero_grad(set_to_none=True)
-      del opt
+      opt.zero_grad(set_to_none=True)  # the optimizer state goes with this frame
 
 
 def build_hf(flat, spec):
