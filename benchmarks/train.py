@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training step speed: the trainer's jitted step against HF transformers, in one process.
 
-    python -m benchmarks.train --preset=small --batch=8 --text_len=32 --steps=5
+    python -m benchmarks.train --preset=small --batch=8 --text_len=32 --rounds=4
 
 One step = forward + backward + AdamW update, float32, on the same random weights
 (`paligemma.init_params`, mapped to `PaliGemmaForConditionalGeneration` by
@@ -19,9 +19,11 @@ tests/hf_reference.py) and the same batch (random images; random ids laid out as
 The sides run one after another (both states do not fit in 23 GiB beside each other), each
 from the same weights and a fresh optimizer state, for --steps timed steps (after --warmup
 untimed ones in the first round: compilation, first calls), and all sides again in each of
---rounds rounds, so that other processes' load on a shared machine falls on every side.
-Figures are medians of the timed steps; ratios are also given per round (sides minutes apart,
-not hours). The first losses of every side are printed: all compute the same step.
+--rounds rounds. On a shared machine other processes come and go, and torch's threads suffer
+from them more than XLA's, so each step records the share of the CPUs other processes used
+meanwhile: steps are reported as "quiet" or "loaded", and ratios compare like with like. The
+matmul peak is measured before every side for the same reason. The first losses of every side
+are printed: all compute the same step.
 """
 from __future__ import annotations
 
@@ -100,17 +102,17 @@ def busy_cpu_s() -> float:
 
 
 def timed(step, warmup, steps):
-  """-> (wall s, process CPU s, other processes' share of the machine, per timed call; losses of
-  every call) of step() -> loss (waits for it)."""
-  losses, times, cpu, others = [], [], [], []
+  """-> (wall s and other processes' share of the CPUs per timed call, losses of every call)
+  of step() -> loss (waits for it)."""
+  losses, times, others = [], [], []
   for i in range(warmup + steps):
     t0, c0, b0 = time.perf_counter(), time.process_time(), busy_cpu_s()
     losses.append(step())
     if i >= warmup:
       times.append(time.perf_counter() - t0)
-      cpu.append(time.process_time() - c0)
-      others.append((busy_cpu_s() - b0 - cpu[-1]) / times[-1] / os.cpu_count())
-  return times, cpu, others, losses
+      mine = time.process_time() - c0
+      others.append(max(0.0, (busy_cpu_s() - b0 - mine) / times[-1] / os.cpu_count()))
+  return times, others, losses
 
 
 class Ours:
@@ -244,7 +246,7 @@ def main(argv=None):
   ap.add_argument("--text_len", type=int, default=32)
   ap.add_argument("--steps", type=int, default=1, help="timed steps per side and round")
   ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side, first round")
-  ap.add_argument("--rounds", type=int, default=3, help="each side runs once per round")
+  ap.add_argument("--rounds", type=int, default=4, help="each side runs once per round")
   ap.add_argument("--remat", default="none,nothing_saveable", help="our remat policies")
   ap.add_argument("--hf", default="labels,keep", help="HF variants: labels (all positions' "
                   "logits, HF's default), keep (logits_to_keep=text_len); '' = none")
@@ -288,7 +290,7 @@ def main(argv=None):
       gc.collect()
       measure_peak()  # before every side: the peak under the same load
       reset_peak()
-      times, cpu, others, losses = side.run(args.warmup if r == 0 else 0, args.steps)
+      times, others, losses = side.run(args.warmup if r == 0 else 0, args.steps)
       row = rows[name]
       row["rss_peak"] = max(row["rss_peak"], rss("VmHWM"))
       row["times"] += times
