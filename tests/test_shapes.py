@@ -21,9 +21,10 @@ REPO = train_fixtures.REPO
 
 def test_scenes_have_exact_disjoint_objects_on_the_grid():
   rng = np.random.default_rng(0)
+  counts = set()
   for _ in range(50):
     objs = shapes.random_scene(rng)
-    assert 1 <= len(objs) <= 3
+    counts.add(len(objs))
     assert len({o.label for o in objs}) == len(objs)  # "the red circle" names one object
     masks = [shapes.object_mask(o) for o in objs]
     assert sum(m.astype(int) for m in masks).max() == 1  # no shared pixel
@@ -35,6 +36,7 @@ def test_scenes_have_exact_disjoint_objects_on_the_grid():
     img = np.asarray(shapes.render(objs, rng))
     for o, m in zip(objs, masks):  # each object's pixels carry its colour (jitter <= 12)
       assert np.abs(img[m].astype(int) - shapes.COLORS[o.color]).max() <= 13
+  assert counts == {1, 2, 3}  # every scene size occurs, none beyond
 
 
 def test_answers_follow_the_scene():

@@ -33,6 +33,21 @@ class Example:
   line: int  # 1-based line in its file
 
 
+def json_lines(path: str):
+  """Yields (line number, "FILE:LINE", parsed value) for each non-empty line of a JSONL file;
+  DataError naming the file and line for one that is not JSON."""
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{number}"
+      try:
+        yield number, where, json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not JSON ({e.msg} at column {e.colno}): "
+                        f"{line.strip()[:80]!r}") from None
+
+
 def read_examples(path: str, suffix_lists: bool = False) -> list:
   """Reads a JSONL file of examples -> [Example]. Empty lines are skipped.
 
@@ -45,33 +60,25 @@ def read_examples(path: str, suffix_lists: bool = False) -> list:
     raise DataError(f"{path}: no such data file")
   base = os.path.dirname(os.path.abspath(path))
   examples = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not JSON ({e.msg} at column {e.colno}): {line.strip()[:80]!r}")
-      if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object with {', '.join(FIELDS)}, got "
-                        f"{type(row).__name__}")
-      missing = [k for k in FIELDS if k not in row]
-      if missing:
-        raise DataError(f"{where}: missing field{'s' * (len(missing) > 1)} "
-                        f"{', '.join(missing)} (each line needs {', '.join(FIELDS)})")
-      for key in ("image", "prefix"):
-        if not isinstance(row[key], str):
-          raise DataError(f"{where}: field {key!r} must be a string, got "
-                          f"{type(row[key]).__name__}")
-      suffix = row["suffix"]
-      is_list = (isinstance(suffix, list) and suffix and all(isinstance(s, str) for s in suffix))
-      if not (isinstance(suffix, str) or (suffix_lists and is_list)):
-        want = "a string or a non-empty list of strings" if suffix_lists else "a string"
-        raise DataError(f"{where}: field 'suffix' must be {want}, got {json.dumps(suffix)[:60]}")
-      examples.append(Example(os.path.normpath(os.path.join(base, row["image"])), row["prefix"],
-                              suffix, number))
+  for number, where, row in json_lines(path):
+    if not isinstance(row, dict):
+      raise DataError(f"{where}: expected a JSON object with {', '.join(FIELDS)}, got "
+                      f"{type(row).__name__}")
+    missing = [k for k in FIELDS if k not in row]
+    if missing:
+      raise DataError(f"{where}: missing field{'s' * (len(missing) > 1)} "
+                      f"{', '.join(missing)} (each line needs {', '.join(FIELDS)})")
+    for key in ("image", "prefix"):
+      if not isinstance(row[key], str):
+        raise DataError(f"{where}: field {key!r} must be a string, got "
+                        f"{type(row[key]).__name__}")
+    suffix = row["suffix"]
+    is_list = (isinstance(suffix, list) and suffix and all(isinstance(s, str) for s in suffix))
+    if not (isinstance(suffix, str) or (suffix_lists and is_list)):
+      want = "a string or a non-empty list of strings" if suffix_lists else "a string"
+      raise DataError(f"{where}: field 'suffix' must be {want}, got {json.dumps(suffix)[:60]}")
+    examples.append(Example(os.path.normpath(os.path.join(base, row["image"])), row["prefix"],
+                            suffix, number))
   if not examples:
     raise DataError(f"{path}: no examples (the file is empty)")
   return examples

@@ -29,7 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from paligemma_jax.answers import outputs
 from paligemma_jax.data import image as image_lib
-from paligemma_jax.data.jsonl import DataError, Example, read_examples
+from paligemma_jax.data.jsonl import DataError, Example, json_lines, read_examples
 from paligemma_jax.eval import metrics
 
 TASKS = ("caption", "vqa", "detect", "segment")
@@ -121,34 +121,25 @@ def read_predictions(path: str, examples: Sequence[Example], data_path: str) -> 
   roots = [os.path.dirname(os.path.abspath(data_path)), os.path.dirname(os.path.abspath(path)),
            os.getcwd()]
   found, errors, unmatched = {}, {}, 0
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not JSON ({e.msg} at column {e.colno}): "
-                        f"{line.strip()[:80]!r}") from None
-      if not (isinstance(rec, dict) and isinstance(rec.get("image"), str)
-              and isinstance(rec.get("prompt"), str)
-              and (isinstance(rec.get("text"), str) or "error" in rec)):
-        raise DataError(f'{where}: expected a prediction line {{"image", "prompt", "text" or '
-                        f'"error"}} as main.py --output_jsonl writes, got {line.strip()[:80]!r}')
-      image = os.path.expanduser(rec["image"])
-      candidates = [image] if os.path.isabs(image) else [os.path.join(r, image) for r in roots]
-      for candidate in candidates:
-        queue = waiting.get((os.path.realpath(candidate), rec["prompt"]))
-        if queue:
-          i = queue.popleft()
-          if isinstance(rec.get("text"), str):
-            found[i] = rec["text"]
-          else:
-            errors[i] = str(rec["error"])
-          break
-      else:
-        unmatched += 1
+  for _, where, rec in json_lines(path):
+    if not (isinstance(rec, dict) and isinstance(rec.get("image"), str)
+            and isinstance(rec.get("prompt"), str)
+            and (isinstance(rec.get("text"), str) or "error" in rec)):
+      raise DataError(f'{where}: expected a prediction line {{"image", "prompt", "text" or '
+                      f'"error"}} as main.py --output_jsonl writes, got {json.dumps(rec)[:80]}')
+    image = os.path.expanduser(rec["image"])
+    candidates = [image] if os.path.isabs(image) else [os.path.join(r, image) for r in roots]
+    for candidate in candidates:
+      queue = waiting.get((os.path.realpath(candidate), rec["prompt"]))
+      if queue:
+        i = queue.popleft()
+        if isinstance(rec.get("text"), str):
+          found[i] = rec["text"]
+        else:
+          errors[i] = str(rec["error"])
+        break
+    else:
+      unmatched += 1
   missing = []
   for i, ex in enumerate(examples):
     if i not in found:
