@@ -293,3 +293,18 @@ def test_two_processes_resume(children, base, tmp_path):
         f"val_loss) {rel:.2e}; "
         f"final.npz: max |diff| / |moved| {worst:.2e}")
   assert _checkpoints(workdir) == ["2", "4"]
+
+
+def test_micro_batch_not_divisible_by_the_data_axis_is_one_error_line(base, tmp_path):
+  """batch 8 / grad_accum 2 = micro-batches of 4 cannot split over a data axis of 8: exit 2
+  with one line naming both numbers, before anything is written or compiled."""
+  workdir = tmp_path / "run"
+  cmd = train_fixtures.train_command(str(workdir), {**base, "mesh": "8x1", "grad_accum_steps": 2})
+  run = subprocess.run(cmd, cwd=train_fixtures.REPO, env=_env(8), capture_output=True, text=True,
+                       timeout=TIMEOUT_S)
+  errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+  assert run.returncode == 2, run.stderr[-2000:]
+  assert errors == ["error: the micro-batch of 4 examples (batch_size 8 / grad_accum_steps 2) "
+                    "is not divisible by the mesh's data axis (8)"], run.stderr[-2000:]
+  assert "Traceback" not in run.stderr
+  assert not (workdir / "checkpoints").exists() and not (workdir / "final.npz").exists()

@@ -48,12 +48,13 @@ def json_lines(path: str):
                         f"{line.strip()[:80]!r}") from None
 
 
-def read_examples(path: str, suffix_lists: bool = False) -> list:
+def read_examples(path: str, suffix_lists: bool = False, rows: Optional[list] = None) -> list:
   """Reads a JSONL file of examples -> [Example]. Empty lines are skipped.
 
   Raises DataError naming the file and line for a line that is not a JSON object, lacks a
   field or has one of the wrong type, and for an empty file. suffix_lists: a list of strings is
-  allowed as `suffix` (the evaluator's several references).
+  allowed as `suffix` (the evaluator's several references). rows: a list that receives each
+  example's parsed line (a dict), for callers that read further fields of the same pass.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -79,6 +80,8 @@ def read_examples(path: str, suffix_lists: bool = False) -> list:
       raise DataError(f"{where}: field 'suffix' must be {want}, got {json.dumps(suffix)[:60]}")
     examples.append(Example(os.path.normpath(os.path.join(base, row["image"])), row["prefix"],
                             suffix, number))
+    if rows is not None:
+      rows.append(row)
   if not examples:
     raise DataError(f"{path}: no examples (the file is empty)")
   return examples

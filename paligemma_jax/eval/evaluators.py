@@ -80,13 +80,12 @@ def read_references(path: str) -> tuple:
   of a segment example, a binary PNG at image size). gt_masks: per example the resolved PNG
   path or None. Raises DataError naming the file and line.
   """
-  examples = read_examples(path, suffix_lists=True)
+  rows = []
+  examples = read_examples(path, suffix_lists=True, rows=rows)
   base = os.path.dirname(os.path.abspath(path))
-  with open(path, encoding="utf-8") as f:
-    lines = list(f)  # split as read_examples splits, so that Example.line indexes it
   gt_masks = []
-  for ex in examples:
-    mask = json.loads(lines[ex.line - 1]).get("mask")
+  for ex, row in zip(examples, rows):
+    mask = row.get("mask")
     if mask is not None and not (isinstance(mask, str) and mask):
       raise DataError(f"{path}:{ex.line}: field 'mask' must be a PNG path, got "
                       f"{json.dumps(mask)[:60]}")
