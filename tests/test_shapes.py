@@ -69,6 +69,21 @@ def test_write_is_deterministic_and_readable(tmp_path):
   assert len(examples) == 6 and all(m and os.path.exists(m) for m in masks)
 
 
+def test_narrowed_spec_writes_one_object_captions_without_a_vae(tmp_path):
+  from paligemma_jax.train import shapes_recipe
+  assert shapes_recipe.parse("shapes:6000:0") == (6000, 0, 3, shapes.TASKS)
+  assert shapes_recipe.parse("shapes:8:4:1:caption,count") == (8, 4, 1, ("caption", "count"))
+  for bad in ("shapes:8", "shapes:8:x", "shapes:8:4:1", "shapes:8:4:0:caption",
+              "shapes:8:4:1:poem"):
+    with pytest.raises(ValueError, match=bad):
+      shapes_recipe.parse(bad)
+  path = shapes_recipe.prepare("shapes:8:4:1:caption", str(tmp_path), vae_path="/nonexistent")
+  assert os.path.basename(os.path.dirname(path)) == "shapes_8_4_1_caption"
+  rows = [json.loads(l) for l in open(path)]
+  assert len(rows) == 8 and {r["prefix"] for r in rows} == {"caption en"}
+  assert all(r["suffix"].count(" a ") == 0 and r["suffix"].startswith("a ") for r in rows)
+
+
 def test_vqvae_training_reduces_the_reconstruction_error():
   """A few steps of the VQ-VAE objective from scratch lower the reconstruction error."""
   logs = []

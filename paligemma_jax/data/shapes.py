@@ -197,15 +197,16 @@ def random_masks(rng: np.random.Generator, n: int, size: int = 64) -> np.ndarray
 
 
 def write(folder: str, num_scenes: int, seed: int, encode_masks: Optional[Callable] = None,
-          tasks: Sequence[str] = TASKS, name: str = "data") -> dict:
+          tasks: Sequence[str] = TASKS, name: str = "data", max_objects: int = 3) -> dict:
   """Writes num_scenes scenes as `folder/images/NAME_i.png`, `folder/NAME.jsonl` (all tasks)
   and `folder/NAME_TASK.jsonl` per task -> {task or "all": path}. Segment lines also carry
-  "mask": the object's exact mask as a PNG (the evaluator's ground truth)."""
+  "mask": the object's exact mask as a PNG (the evaluator's ground truth). Scenes hold 1 to
+  max_objects objects."""
   rng = np.random.default_rng(seed)
   os.makedirs(os.path.join(folder, "images"), exist_ok=True)
   lines = {t: [] for t in tasks}
   for i in range(num_scenes):
-    objs = random_scene(rng)
+    objs = random_scene(rng, max_objects)
     picture = f"images/{name}_{i:05d}.png"
     render(objs, rng).save(os.path.join(folder, picture))
     for task, prefix, suffix in examples(objs, rng, encode_masks, tasks):

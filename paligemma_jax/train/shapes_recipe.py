@@ -2,7 +2,8 @@
 codes from the shipped VQ-VAE, and its tokenizer.
 
 A data setting `shapes:NUM_SCENES:SEED` (e.g. `--config.train_data=shapes:6000:0`) is written
-once into a cache folder and then read like any JSONL.
+once into a cache folder and then read like any JSONL. `shapes:NUM_SCENES:SEED:MAX_OBJECTS:TASKS`
+narrows it, e.g. `shapes:8000:10:1:caption`: one object per scene, captions only.
 """
 import os
 import shutil
@@ -38,21 +39,42 @@ def is_spec(path: str) -> bool:
   return str(path).startswith(PREFIX)
 
 
-def prepare(spec: str, cache_dir: str, vae_path: str) -> str:
-  """`shapes:NUM:SEED` -> the path of its JSONL (all tasks), written on first use."""
+def parse(spec: str) -> tuple:
+  """`shapes:NUM:SEED[:MAX_OBJECTS:TASK,TASK...]` -> (num, seed, max_objects, tasks)."""
+  parts = spec[len(PREFIX):].split(":")
   try:
-    num, seed = (int(x) for x in spec[len(PREFIX):].split(":"))
+    if len(parts) not in (2, 4):
+      raise ValueError
+    num, seed = int(parts[0]), int(parts[1])
+    max_objects = int(parts[2]) if len(parts) == 4 else 3
+    tasks = tuple(parts[3].split(",")) if len(parts) == 4 else shapes.TASKS
   except ValueError:
-    raise ValueError(f"{spec!r}: expected shapes:NUM_SCENES:SEED, e.g. shapes:6000:0") from None
-  folder = os.path.join(os.path.expanduser(cache_dir), f"shapes_{num}_{seed}")
+    raise ValueError(f"{spec!r}: expected shapes:NUM_SCENES:SEED or "
+                     "shapes:NUM_SCENES:SEED:MAX_OBJECTS:TASKS, e.g. shapes:6000:0 or "
+                     "shapes:8000:10:1:caption") from None
+  unknown = [t for t in tasks if t not in shapes.TASKS]
+  if unknown or not 1 <= max_objects <= 3:
+    raise ValueError(f"{spec!r}: tasks are {', '.join(shapes.TASKS)} and MAX_OBJECTS 1-3")
+  return num, seed, max_objects, tasks
+
+
+def prepare(spec: str, cache_dir: str, vae_path: str) -> str:
+  """A `shapes:` spec (see `parse`) -> the path of its JSONL (all its tasks), written on first
+  use."""
+  num, seed, max_objects, tasks = parse(spec)
+  name = f"shapes_{num}_{seed}" + (f"_{max_objects}_{'-'.join(tasks)}" if spec.count(":") > 2
+                                   else "")
+  folder = os.path.join(os.path.expanduser(cache_dir), name)
   done = os.path.join(folder, "data.jsonl")
   if os.path.exists(done):
     return done
-  params = vqvae.load_vae(vae_path, parts=("encoder",))
-  encode = lambda masks: vqvae.encode_masks(params, (np.asarray(masks) + 1) / 2)
+  encode = None
+  if "segment" in tasks:
+    params = vqvae.load_vae(vae_path, parts=("encoder",))
+    encode = lambda masks: vqvae.encode_masks(params, (np.asarray(masks) + 1) / 2)
   os.makedirs(os.path.dirname(folder), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".", dir=os.path.dirname(folder))
-  shapes.write(tmp, num, seed, encode)
+  shapes.write(tmp, num, seed, encode, tasks, max_objects=max_objects)
   shutil.rmtree(folder, ignore_errors=True)
   os.replace(tmp, folder)
   return done
