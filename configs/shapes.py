@@ -1,4 +1,4 @@
-"""The embedded default: a ~2 M parameter PaliGemma-2-like model trained from scratch on the
+"""The embedded default: a ~2.3 M parameter PaliGemma-2-like model trained from scratch on the
 procedural shapes data set (captions, counting, colours, detection, segmentation).
 
   python -m paligemma_jax.train --config=configs/shapes.py --workdir=runs/shapes
@@ -20,21 +20,21 @@ def get_config():
   spec.loader.exec_module(transfer)
   c = transfer.get_config()
   c.init = ""                # from scratch
-  c.arch = "shapes"          # demo.shapes_config(): 112 px, 4+4 layers of width 128
+  c.arch = "shapes"          # demo.shapes_config(): 112 px, 28-px patches, 4+4 layers of width 128
   c.init_posemb = "sincos2d"  # the ViT starts knowing where each patch is
   c.tokenizer = os.path.join(SHIPPED, "tokenizer.model")
   c.shapes_vae = os.path.join(SHIPPED, "vae.npz")
   c.data_cache = "~/.cache/paligemma_jax"
-  c.train_data = "shapes:6000:0"   # ~29k examples: every scene asked 4-5 questions
+  c.train_data = "shapes:15000:0"  # ~73k examples: every scene asked 4-5 questions
   c.val_data = "shapes:40:1"
   c.text_len = 36
   c.batch_size = 32
-  c.total_steps = 3000
+  c.total_steps = 7500
   c.lr = 1e-3
-  c.warmup_steps = 200
+  c.warmup_steps = 300
   c.weight_decay = 0.0
   c.remat_policy = "nothing_saveable"  # measured faster here than keeping activations
   c.ckpt_steps = 500
-  c.eval_steps = 1000
+  c.eval_steps = 1500
   c.log_steps = 50
   return c

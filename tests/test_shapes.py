@@ -119,18 +119,28 @@ def _held_out(n: int = 8):
   return scenes
 
 
+def _box_iou(a, b) -> float:
+  inter = [max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])]
+  i = max(inter[2] - inter[0], 0) * max(inter[3] - inter[1], 0)
+  area = lambda r: (r[2] - r[0]) * (r[3] - r[1])
+  return i / (area(a) + area(b) - i)
+
+
 def test_shipped_model_on_held_out_scenes(shipped):
-  """A regression guard for the shipped model on 8 held-out scenes (seed 2027), at the
-  levels its 500-scene evaluation measured (README): every caption has a caption's form and
-  at least half name the scene's colours in left-to-right order; most colour answers are
-  right (>= 0.4 of these 13; 0.755 on 453 questions); the segment masks overlap the objects' exact masks
-  (mean IoU >= 0.5; 0.71 on 500 scenes). Shapes in
-  captions, counts and detection boxes are below the issue's targets and not asserted here."""
+  """The shipped model on 8 held-out scenes (seed 2027), every question each scene allows:
+  colour answers all exactly right (0.989 on 453 held-out questions, README); captions, counts
+  and detection boxes at the levels its 500-scene evaluation measured (caption exact match
+  0.626, counting 0.838, detect mAP@.5 0.617), below the issue's targets, so held to those
+  levels here; segment masks overlap the exact masks (mIoU 0.858 on 500 scenes)."""
   images, prompts, want = [], [], []
   for objs, img in _held_out():
-    asks = [("caption en", objs)]
+    ordered = shapes.left_to_right(objs)
+    asks = [("caption en", shapes.caption(objs))]
+    asks += [(f"answer en how many {shapes.PLURALS[s]}", str(sum(o.shape == s for o in objs)))
+             for s in shapes.SHAPES]
     asks += [(f"answer en what color is the {o.shape}", o.color) for o in objs
              if sum(p.shape == o.shape for p in objs) == 1]
+    asks += [("detect " + " ; ".join(o.label for o in ordered), ordered)]
     asks += [(f"segment {o.label}", o) for o in objs]
     for prompt, answer in asks:
       images.append(img)
@@ -138,24 +148,30 @@ def test_shipped_model_on_held_out_scenes(shipped):
       want.append(answer)
   got = shipped.generate(images, prompts, max_decode_len=40)
   vae = vqvae.load_vae(demo.SHAPES_VAE)
-  captions, colours, ious = [], [], []
+  right = {"caption": [], "count": [], "color": [], "detect": [], "segment": []}
   for prompt, answer, result in zip(prompts, want, got):
     if prompt == "caption en":
-      words = result.text.split()
-      assert words[0] == "a" and all(words[i + 1] in shapes.SHAPES for i, w in
-                                     enumerate(words) if w in shapes.COLORS), result.text
-      named = [w for w in words if w in shapes.COLORS]
-      captions.append(named == [o.color for o in shapes.left_to_right(answer)])
+      right["caption"].append(result.text == answer)
+    elif prompt.startswith("answer en how many"):
+      right["count"].append(result.text == answer)
     elif prompt.startswith("answer"):
-      colours.append(result.text == answer)
+      assert result.text == answer, (prompt, result.text)
+      right["color"].append(True)
+    elif prompt.startswith("detect"):
+      found = {o.label: o.box for o in outputs.parse_answer(result.text, (shapes.SIZE,) * 2)[0]}
+      right["detect"] += [o.label in found and _box_iou(found[o.label], o.box) >= 0.5
+                          for o in answer]
     else:
       parsed = outputs.task_answer(result.text, prompt, (shapes.SIZE, shapes.SIZE), lambda: vae)
       truth = shapes.object_mask(answer)
       mask = parsed.masks[0] if parsed.masks else None
-      ious.append(0.0 if mask is None else (mask & truth).sum() / max((mask | truth).sum(), 1))
-  print(f"caption colours {np.mean(captions):.2f}, colour answers {np.mean(colours):.2f} of "
-        f"{len(colours)}, segment mean IoU {np.mean(ious):.2f}")
-  assert np.mean(captions) >= 0.5 and np.mean(colours) >= 0.4 and np.mean(ious) >= 0.5
+      right["segment"].append(0.0 if mask is None else
+                              (mask & truth).sum() / max((mask | truth).sum(), 1))
+  levels = {k: float(np.mean(v)) for k, v in right.items()}
+  print({k: f"{v:.2f} of {len(right[k])}" for k, v in levels.items()})
+  assert len(right["color"]) == 13 and len(right["caption"]) == 8
+  assert levels["caption"] >= 0.5 and levels["count"] >= 0.75, levels
+  assert levels["detect"] >= 0.5 and levels["segment"] >= 0.8, levels
 
 
 def test_recipe_trains_a_few_steps_from_scratch(tmp_path):
