@@ -39,6 +39,12 @@ def is_spec(path: str) -> bool:
   return str(path).startswith(PREFIX)
 
 
+def _encoder(vae_path: str):
+  """The VQ-VAE's encoder as shapes.examples' encode_masks: [-1, 1] masks -> codes."""
+  params = vqvae.load_vae(vae_path, parts=("encoder",))
+  return lambda masks: vqvae.encode_masks(params, (np.asarray(masks) + 1) / 2)
+
+
 def parse(spec: str) -> tuple:
   """`shapes:NUM:SEED[:MAX_OBJECTS:TASK,TASK...]` -> (num, seed, max_objects, tasks)."""
   parts = spec[len(PREFIX):].split(":")
@@ -68,10 +74,7 @@ def prepare(spec: str, cache_dir: str, vae_path: str) -> str:
   done = os.path.join(folder, "data.jsonl")
   if os.path.exists(done):
     return done
-  encode = None
-  if "segment" in tasks:
-    params = vqvae.load_vae(vae_path, parts=("encoder",))
-    encode = lambda masks: vqvae.encode_masks(params, (np.asarray(masks) + 1) / 2)
+  encode = _encoder(vae_path) if "segment" in tasks else None
   os.makedirs(os.path.dirname(folder), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".", dir=os.path.dirname(folder))
   shapes.write(tmp, num, seed, encode, tasks, max_objects=max_objects)
@@ -82,9 +85,7 @@ def prepare(spec: str, cache_dir: str, vae_path: str) -> str:
 
 def write_split(out: str, num_scenes: int, seed: int, vae_path: str) -> dict:
   """Fresh scenes as JSONL files, all tasks and one per task (`shapes.write`) -> paths."""
-  params = vqvae.load_vae(vae_path, parts=("encoder",))
-  encode = lambda masks: vqvae.encode_masks(params, (np.asarray(masks) + 1) / 2)
-  return shapes.write(out, num_scenes, seed, encode)
+  return shapes.write(out, num_scenes, seed, _encoder(vae_path))
 
 
 if __name__ == "__main__":  # python -m paligemma_jax.train.shapes_recipe --out=DIR ...
