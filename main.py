@@ -321,11 +321,11 @@ def main(argv):
   print(f"timing: load {t['load_s']:.3f}s  compile {t['compile_s']:.3f}s  prefill "
         f"{t['prefill_s'] * 1e3:.1f}ms  decode {t['decode_s'] * 1e3:.1f}ms for "
         f"{t['generated_tokens']} tokens ({rate:.1f} tokens/s)")
+  random_weights = not _CKPT.value and not demo.shipped()  # _pipeline's last branch
   record = dict(prompt=result.prompt, text=result.text, tokens=result.tokens,
                 logprobs=result.logprobs, timing=t, image=image_path,
-                ckpt=_CKPT.value, random_weights=bool(note and "RANDOM" in note),
-                model=_CKPT.value or (demo.SHAPES_MODEL if note and "RANDOM" not in note
-                                      else "random"))
+                ckpt=_CKPT.value, random_weights=random_weights,
+                model=_CKPT.value or (demo.SHAPES_MODEL if demo.shipped() else "random"))
   if _OUTPUT_DIR.value:
     written = _write_task_outputs(result.text, result.prompt, img, _vae_ckpt(),
                                   _OUTPUT_DIR.value)
