@@ -165,3 +165,26 @@ def test_jpeg_beyond_the_limit_decodes_at_reduced_size(tmp_path, monkeypatch, te
   with pytest.raises(image.ImageError,
                      match=r"big.png: image of 300x200 pixels exceeds the limit of 10000 pixels"):
     image.load_image(_save(tmp_path, Image.fromarray(test_image), "big.png"))
+
+
+def test_pixels_cache_decodes_each_picture_once_within_its_budget(tmp_path, monkeypatch):
+  """jsonl.Pixels(cache_bytes=...) hands back the same arrays as without a cache, decodes a
+  cached picture once, and keeps no more pictures than the budget holds."""
+  from paligemma_jax.data import jsonl
+  rng = np.random.default_rng(0)
+  paths = []
+  for i in range(3):
+    paths.append(str(tmp_path / f"{i}.png"))
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(paths[-1])
+  decoded = []
+  load = image.load_image
+  monkeypatch.setattr(image, "load_image", lambda p: decoded.append(p) or load(p))
+  plain = jsonl.Pixels(28).get(0, paths)
+  one_picture = 28 * 28 * 3 * 4
+  cached = jsonl.Pixels(28, threads=1, cache_bytes=2 * one_picture)  # room for two of three
+  decoded.clear()
+  for step in range(3):
+    np.testing.assert_array_equal(cached.get(step, paths + paths[:1]), np.concatenate(
+        [plain, plain[:1]]))
+  assert decoded.count(paths[0]) == 1 and decoded.count(paths[1]) == 1
+  assert decoded.count(paths[2]) == 3  # over budget: decoded every time

@@ -152,15 +152,25 @@ def batch_indices(num_examples: int, seed: int, start: int, count: int) -> np.nd
 
 class Pixels:
   """Decodes and preprocesses images on a thread pool: `get(examples)` -> (n, S, S, 3) float32
-  in [-1, 1]. `prefetch` starts a batch early so that decoding overlaps training."""
+  in [-1, 1]. `prefetch` starts a batch early so that decoding overlaps training.
 
-  def __init__(self, size: int, threads: int = 2):
+  cache_bytes: keep up to this many bytes of preprocessed pictures, so that a picture asked
+  several questions (or seen again next epoch) is decoded once; the first ones seen stay."""
+
+  def __init__(self, size: int, threads: int = 2, cache_bytes: int = 0):
     self.size = size
     self.pool = concurrent.futures.ThreadPoolExecutor(threads)
     self._pending = {}
+    self._cache, self._cache_left = {}, cache_bytes
 
   def _load(self, path: str) -> np.ndarray:
-    return image_lib.preprocess(image_lib.load_image(path), self.size)
+    pixels = self._cache.get(path)
+    if pixels is None:
+      pixels = image_lib.preprocess(image_lib.load_image(path), self.size)
+      if pixels.nbytes <= self._cache_left:
+        self._cache_left -= pixels.nbytes  # (a race between threads only costs a few bytes)
+        self._cache[path] = pixels
+    return pixels
 
   def prefetch(self, key, paths: Sequence[str]):
     self._pending[key] = [self.pool.submit(self._load, p) for p in paths]

@@ -61,7 +61,8 @@ def check_config(cfg):
   if cfg.batch_size % cfg.grad_accum_steps:
     raise TrainError(f"--config.batch_size={cfg.batch_size} is not divisible by "
                      f"--config.grad_accum_steps={cfg.grad_accum_steps}")
-  for name in ("lr", "grad_clip_norm", "weight_decay", "dropout", "label_smoothing"):
+  for name in ("lr", "grad_clip_norm", "weight_decay", "dropout", "label_smoothing",
+               "image_cache_gb"):
     if not isinstance(cfg[name], (int, float)) or cfg[name] < 0 or not math.isfinite(cfg[name]):
       raise TrainError(f"--config.{name} must be a finite number >= 0, got {cfg[name]!r}")
   if cfg.dropout >= 1 or cfg.label_smoothing >= 1:
@@ -432,7 +433,7 @@ class Trainer:
     step_fn = jax.jit(make_train_step(self.model, self.tx, self.sched, cfg, self.intercept),
                       donate_argnums=(0, 1), **keep)
     eval_fn = jax.jit(make_eval_step(self.model, cfg, self.intercept))
-    pixels = jsonl.Pixels(self.config.image_size)
+    pixels = jsonl.Pixels(self.config.image_size, cache_bytes=int(cfg.image_cache_gb * 2**30))
     paths = lambda idx: [self.train.examples[i].image for i in idx]
     accum, micro = cfg.grad_accum_steps, self.micro
     metrics_path = os.path.join(self.workdir, "metrics.jsonl")
@@ -455,17 +456,17 @@ class Trainer:
             pixels.prefetch(self.step + 1, paths(self._indices(self.step + 1)))
           self.trainable, self.opt_state, m = compiled(
               self.trainable, self.opt_state, self.frozen, batch, jnp.int32(self.step), self.rng)
-          loss = float(m["loss"])
           self.step += 1
+          if self.step < cfg.total_steps:  # while the step runs (dispatch is asynchronous)
+            idx = self._indices(self.step)
+            batch = self._device_batch(self._host_batch(self.train, idx, pixels.get(self.step)),
+                                       (accum, micro))
+          loss = float(m["loss"])
           if not math.isfinite(loss):
             raise TrainError(
                 f"the loss is {loss} at step {self.step}; stopped without saving that state "
                 f"(the last checkpoint, step {self.manager.latest_step()}, is intact). Try a "
                 "lower --config.lr or --config.grad_clip_norm=1")
-          if self.step < cfg.total_steps:
-            idx = self._indices(self.step)
-            batch = self._device_batch(self._host_batch(self.train, idx, pixels.get(self.step)),
-                                       (accum, micro))
           dt = time.perf_counter() - t0
           last = {"step": self.step, "loss": loss, "lr": float(m["lr"]),
                   "grad_norm": float(m["grad_norm"]), "examples_per_s": cfg.batch_size / dt,
