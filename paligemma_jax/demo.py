@@ -40,12 +40,13 @@ def demo_config(image_size: int = 224) -> paligemma.PaliGemmaConfig:
 def shapes_config() -> paligemma.PaliGemmaConfig:
   """The embedded default's architecture (about 2.3 M parameters): 112 px in 28-px patches (16
   image tokens: half the step time of 14-px patches at the same loss per step, measured),
-  PaliGemma-2-like (post-norms, softcaps), trained on `data/shapes.py`."""
+  PaliGemma-2-like (post-norms, softcaps), trained on `data/shapes.py`. The language model has
+  8 heads of 16 (a lower loss than 4 of 32 after 1500 steps, measured)."""
   return paligemma.PaliGemmaConfig(
       vit=vit.ViTConfig(image_size=112, patch=28, width=128, depth=4, mlp_dim=512,
                         num_heads=4, out_dim=128),
-      llm=gemma.GemmaConfig(width=128, depth=4, mlp_dim=512, num_heads=4, num_kv_heads=4,
-                            head_dim=32, vocab_size=1280, post_norms=True,
+      llm=gemma.GemmaConfig(width=128, depth=4, mlp_dim=512, num_heads=8, num_kv_heads=8,
+                            head_dim=16, vocab_size=1280, post_norms=True,
                             attn_logits_softcap=50.0, final_logits_softcap=30.0))
 
 

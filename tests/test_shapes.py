@@ -71,10 +71,12 @@ def test_write_is_deterministic_and_readable(tmp_path):
 
 def test_narrowed_spec_writes_one_object_captions_without_a_vae(tmp_path):
   from paligemma_jax.train import shapes_recipe
-  assert shapes_recipe.parse("shapes:6000:0") == (6000, 0, 3, shapes.TASKS)
-  assert shapes_recipe.parse("shapes:8:4:1:caption,count") == (8, 4, 1, ("caption", "count"))
+  assert shapes_recipe.parse("shapes:6000:0") == (6000, 0, 3, shapes.TASKS, {})
+  assert shapes_recipe.parse("shapes:8:4:1:caption,count") == (8, 4, 1, ("caption", "count"), {})
+  assert shapes_recipe.parse("shapes:8:4:3:caption,color@0.25") == (
+      8, 4, 3, ("caption", "color"), {"color": 0.25})
   for bad in ("shapes:8", "shapes:8:x", "shapes:8:4:1", "shapes:8:4:0:caption",
-              "shapes:8:4:1:poem"):
+              "shapes:8:4:1:poem", "shapes:8:4:1:caption@0", "shapes:8:4:1:caption@x"):
     with pytest.raises(ValueError, match=bad):
       shapes_recipe.parse(bad)
   path = shapes_recipe.prepare("shapes:8:4:1:caption", str(tmp_path), vae_path="/nonexistent")
@@ -82,6 +84,23 @@ def test_narrowed_spec_writes_one_object_captions_without_a_vae(tmp_path):
   rows = [json.loads(l) for l in open(path)]
   assert len(rows) == 8 and {r["prefix"] for r in rows} == {"caption en"}
   assert all(r["suffix"].count(" a ") == 0 and r["suffix"].startswith("a ") for r in rows)
+
+
+def test_task_rates_ask_fewer_questions_of_the_same_scenes(tmp_path):
+  """`rates` drops questions at random without changing the scenes or the kept questions."""
+  encode = lambda m: np.zeros((len(m), 16), int)
+  full = shapes.write(str(tmp_path / "full"), 200, seed=5, encode_masks=encode)
+  some = shapes.write(str(tmp_path / "some"), 200, seed=5, encode_masks=encode,
+                      rates={"color": 0.25, "segment": 0.5})
+  read = lambda p: [json.loads(l) for l in open(p)]
+  for task in ("caption", "count", "detect"):
+    assert read(full[task]) == read(some[task])
+  for task, rate in (("color", 0.25), ("segment", 0.5)):
+    kept, every = read(some[task]), read(full[task])
+    assert all(r in every for r in kept)
+    assert abs(len(kept) / len(every) - rate) < 0.1, (task, len(kept), len(every))
+  assert open(tmp_path / "full/images/data_00199.png", "rb").read() == open(
+      tmp_path / "some/images/data_00199.png", "rb").read()
 
 
 def test_vqvae_training_reduces_the_reconstruction_error():
@@ -128,10 +147,10 @@ def _box_iou(a, b) -> float:
 
 def test_shipped_model_on_held_out_scenes(shipped):
   """The shipped model on 8 held-out scenes (seed 2027), every question each scene allows:
-  colour answers all exactly right (0.989 on 453 held-out questions, README); captions, counts
-  and detection boxes at the levels its 500-scene evaluation measured (caption exact match
-  0.626, counting 0.838, detect mAP@.5 0.617), below the issue's targets, so held to those
-  levels here; segment masks overlap the exact masks (mIoU 0.858 on 500 scenes)."""
+  colour answers all exactly right (0.985 on 453 held-out questions, README); captions, counts,
+  detection boxes and masks near the levels of its 500-scene evaluation (caption exact match
+  0.890, counting 0.960, detect mAP@.5 0.953, segment mIoU 0.936). Measured here: 7 of 8
+  captions, 23 of 24 counts, 15 of 15 boxes, mean mask IoU 0.91; one more miss is allowed."""
   images, prompts, want = [], [], []
   for objs, img in _held_out():
     ordered = shapes.left_to_right(objs)
@@ -170,8 +189,8 @@ def test_shipped_model_on_held_out_scenes(shipped):
   levels = {k: float(np.mean(v)) for k, v in right.items()}
   print({k: f"{v:.2f} of {len(right[k])}" for k, v in levels.items()})
   assert len(right["color"]) == 13 and len(right["caption"]) == 8
-  assert levels["caption"] >= 0.5 and levels["count"] >= 0.75, levels
-  assert levels["detect"] >= 0.5 and levels["segment"] >= 0.8, levels
+  assert levels["caption"] >= 0.75 and levels["count"] >= 0.9, levels
+  assert levels["detect"] >= 0.9 and levels["segment"] >= 0.85, levels
 
 
 def test_recipe_trains_a_few_steps_from_scratch(tmp_path):

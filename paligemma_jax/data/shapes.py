@@ -197,12 +197,18 @@ def random_masks(rng: np.random.Generator, n: int, size: int = 64) -> np.ndarray
 
 
 def write(folder: str, num_scenes: int, seed: int, encode_masks: Optional[Callable] = None,
-          tasks: Sequence[str] = TASKS, name: str = "data", max_objects: int = 3) -> dict:
+          tasks: Sequence[str] = TASKS, name: str = "data", max_objects: int = 3,
+          rates: Optional[dict] = None) -> dict:
   """Writes num_scenes scenes as `folder/images/NAME_i.png`, `folder/NAME.jsonl` (all tasks)
   and `folder/NAME_TASK.jsonl` per task -> {task or "all": path}. Segment lines also carry
   "mask": the object's exact mask as a PNG (the evaluator's ground truth). Scenes hold 1 to
-  max_objects objects."""
+  max_objects objects.
+
+  rates: {task: fraction of the scenes asked it} (default 1 each), drawn apart from the scenes:
+  the same seed gives the same pictures and questions, only fewer of them."""
   rng = np.random.default_rng(seed)
+  keep = np.random.default_rng([seed, 1])
+  rates = rates or {}
   os.makedirs(os.path.join(folder, "images"), exist_ok=True)
   lines = {t: [] for t in tasks}
   for i in range(num_scenes):
@@ -210,6 +216,8 @@ def write(folder: str, num_scenes: int, seed: int, encode_masks: Optional[Callab
     picture = f"images/{name}_{i:05d}.png"
     render(objs, rng).save(os.path.join(folder, picture))
     for task, prefix, suffix in examples(objs, rng, encode_masks, tasks):
+      if task in rates and keep.random() >= rates[task]:
+        continue
       row = {"image": picture, "prefix": prefix, "suffix": suffix}
       if task == "segment":
         label = prefix[len("segment "):]

@@ -3,7 +3,8 @@ codes from the shipped VQ-VAE, and its tokenizer.
 
 A data setting `shapes:NUM_SCENES:SEED` (e.g. `--config.train_data=shapes:6000:0`) is written
 once into a cache folder and then read like any JSONL. `shapes:NUM_SCENES:SEED:MAX_OBJECTS:TASKS`
-narrows it, e.g. `shapes:8000:10:1:caption`: one object per scene, captions only.
+narrows it, e.g. `shapes:8000:10:1:caption`: one object per scene, captions only;
+`TASK@RATE` asks a task of that fraction of the scenes (`shapes:20000:0:3:caption,color@0.3`).
 """
 import os
 import shutil
@@ -46,30 +47,33 @@ def _encoder(vae_path: str):
 
 
 def parse(spec: str) -> tuple:
-  """`shapes:NUM:SEED[:MAX_OBJECTS:TASK,TASK...]` -> (num, seed, max_objects, tasks)."""
+  """`shapes:NUM:SEED[:MAX_OBJECTS:TASK[@RATE],...]` -> (num, seed, max_objects, tasks,
+  {task: rate} for the tasks given one)."""
   parts = spec[len(PREFIX):].split(":")
   try:
     if len(parts) not in (2, 4):
       raise ValueError
     num, seed = int(parts[0]), int(parts[1])
     max_objects = int(parts[2]) if len(parts) == 4 else 3
-    tasks = tuple(parts[3].split(",")) if len(parts) == 4 else shapes.TASKS
+    named = [t.partition("@") for t in parts[3].split(",")] if len(parts) == 4 else []
+    tasks = tuple(t for t, _, _ in named) or shapes.TASKS
+    rates = {t: float(r) for t, at, r in named if at}
   except ValueError:
     raise ValueError(f"{spec!r}: expected shapes:NUM_SCENES:SEED or "
-                     "shapes:NUM_SCENES:SEED:MAX_OBJECTS:TASKS, e.g. shapes:6000:0 or "
-                     "shapes:8000:10:1:caption") from None
+                     "shapes:NUM_SCENES:SEED:MAX_OBJECTS:TASK[@RATE],..., e.g. shapes:6000:0 "
+                     "or shapes:8000:10:1:caption or shapes:9000:0:3:caption,color@0.3") from None
   unknown = [t for t in tasks if t not in shapes.TASKS]
-  if unknown or not 1 <= max_objects <= 3:
-    raise ValueError(f"{spec!r}: tasks are {', '.join(shapes.TASKS)} and MAX_OBJECTS 1-3")
-  return num, seed, max_objects, tasks
+  if unknown or not 1 <= max_objects <= 3 or not all(0 < r <= 1 for r in rates.values()):
+    raise ValueError(f"{spec!r}: tasks are {', '.join(shapes.TASKS)}, MAX_OBJECTS 1-3 and "
+                     "rates in (0, 1]")
+  return num, seed, max_objects, tasks, rates
 
 
 def prepare(spec: str, cache_dir: str, vae_path: str) -> str:
   """A `shapes:` spec (see `parse`) -> the path of its JSONL (all its tasks), written on first
   use."""
-  num, seed, max_objects, tasks = parse(spec)
-  name = f"shapes_{num}_{seed}" + (f"_{max_objects}_{'-'.join(tasks)}" if spec.count(":") > 2
-                                   else "")
+  num, seed, max_objects, tasks, rates = parse(spec)
+  name = "shapes_" + spec[len(PREFIX):].replace(":", "_").replace(",", "-")
   folder = os.path.join(os.path.expanduser(cache_dir), name)
   done = os.path.join(folder, "data.jsonl")
   if os.path.exists(done):
@@ -77,7 +81,7 @@ def prepare(spec: str, cache_dir: str, vae_path: str) -> str:
   encode = _encoder(vae_path) if "segment" in tasks else None
   os.makedirs(os.path.dirname(folder), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".", dir=os.path.dirname(folder))
-  shapes.write(tmp, num, seed, encode, tasks, max_objects=max_objects)
+  shapes.write(tmp, num, seed, encode, tasks, max_objects=max_objects, rates=rates)
   shutil.rmtree(folder, ignore_errors=True)
   os.replace(tmp, folder)
   return done
