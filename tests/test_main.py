@@ -22,6 +22,23 @@ def run_main(*args, tmp_path):
                         capture_output=True, text=True, env=env, timeout=600)
 
 
+
+def test_without_the_shipped_model_says_random_weights(tmp_path):
+  """checkpoints/shapes/ missing (demo.shipped() False, as in a checkout without it): main.py
+  still answers, from a tiny random model, and says so on stdout and in the JSON record."""
+  out = tmp_path / "answer.json"
+  code = ("import runpy, sys; from paligemma_jax import demo; demo.shipped = lambda: False; "
+          f"sys.argv = ['main.py', '--output_json={out}', '--max_decode_len=4']; "
+          f"runpy.run_path({os.path.join(REPO, 'main.py')!r}, run_name='__main__')")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HOME=str(tmp_path))
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "checkpoints/shapes/ is missing, so a tiny model with RANDOM weights" in r.stdout
+  record = json.loads(out.read_text())
+  assert record["random_weights"] is True and record["model"] == "random"
+  assert record["ckpt"] in (None, "") and 1 <= len(record["tokens"]) <= 4
+
 def test_embedded_default(tmp_path):
   out = tmp_path / "o" / "answer.json"
   r = run_main(f"--output_json={out}", "--max_decode_len=16", tmp_path=tmp_path)
