@@ -18,6 +18,7 @@ def get_config():
   c.train_data = ""       # JSONL: {"image": path relative to the file, "prefix", "suffix"}
   c.val_data = ""         # same format; "" = no validation
   c.text_len = 64         # tokens of prefix + separator + suffix + eos (big_vision: 32..256)
+  c.text_len_buckets = ""  # e.g. "16,24": each batch holds examples of one length, cut to it
   c.image_cache_gb = 0.0  # keep this much of the decoded, resized pictures in memory
 
   c.batch_size = 8        # examples per optimizer step (all devices, all micro-batches)

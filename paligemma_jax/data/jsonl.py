@@ -150,6 +150,36 @@ def batch_indices(num_examples: int, seed: int, start: int, count: int) -> np.nd
   return np.array([orders[e][i] for e, i in zip(epochs, within)], np.int64)
 
 
+def text_widths(text: Tokenized) -> np.ndarray:
+  """(N,) positions each example fills: through its eos, the last position with a loss."""
+  width = text.mask_loss.shape[1]
+  return width - np.argmax(text.mask_loss[:, ::-1] > 0, axis=1)
+
+
+def length_buckets(widths: np.ndarray, text_lens: Sequence[int]) -> np.ndarray:
+  """(N,) index into the ascending text_lens of the shortest that holds each example (a
+  text_len of L holds L + 1 positions, as `Tokenizer.training_example`)."""
+  return np.searchsorted(np.asarray(text_lens) + 1, widths, side="left")
+
+
+def bucketed_epoch(buckets: np.ndarray, num_buckets: int, batch_size: int, seed: int,
+                   epoch: int) -> list:
+  """Epoch `epoch` as batches that each hold examples of one bucket -> [(bucket, indices)].
+
+  The epoch's shuffled order (`epoch_order`) is split by bucket and cut into batches; a
+  bucket's last partial batch waits for a later epoch (whose order differs); the batches are
+  shuffled together. Every epoch has the same number of batches, and the plan is a function of
+  (seed, epoch) only, as `batch_indices`."""
+  order = epoch_order(len(buckets), seed, epoch)
+  plan = []
+  for b in range(num_buckets):
+    members = order[buckets[order] == b]
+    full = len(members) // batch_size * batch_size
+    plan += [(b, chunk) for chunk in members[:full].reshape(-1, batch_size)]
+  shuffle = np.random.default_rng([seed, epoch, 1]).permutation(len(plan))
+  return [plan[i] for i in shuffle]
+
+
 class Pixels:
   """Decodes and preprocesses images on a thread pool: `get(examples)` -> (n, S, S, 3) float32
   in [-1, 1]. `prefetch` starts a batch early so that decoding overlaps training.

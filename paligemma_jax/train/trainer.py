@@ -2,8 +2,8 @@
 
 One optimizer step: the batch (B examples) is split into `grad_accum_steps` micro-batches whose
 gradients of big_vision's loss are averaged; the chain of `optim.py` updates the trainable
-parameters (all, all but `freeze`, or only the LoRA adapters); the step is jitted once with the
-trainable parameters and the optimizer state donated.
+parameters (all, all but `freeze`, or only the LoRA adapters); the step is jitted once (once
+per length of `text_len_buckets`) with the trainable parameters and the optimizer state donated.
 
 Everything a run needs to continue lives in DIR: `config.json` (the settings and the
 architecture), Orbax checkpoints under `checkpoints/` (parameters, optimizer state, step, RNG,
@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -91,9 +92,25 @@ def check_config(cfg):
   for name in ("tokenizer", "train_data"):
     if not cfg[name]:
       raise TrainError(f"--config.{name} is required")
+  text_lens(cfg)
   if not cfg.init and cfg.arch not in ARCHS:
     raise TrainError(f"--config.init is empty and --config.arch={cfg.arch!r} is not one of "
                      f"{', '.join(ARCHS)}")
+
+
+def text_lens(cfg) -> list:
+  """--config.text_len_buckets ("16,24") and text_len -> the ascending lengths that batches
+  are cut to."""
+  raw = str(cfg.get("text_len_buckets", "") or "")
+  try:
+    lens = sorted({int(x) for x in raw.split(",") if x.strip()})
+  except ValueError:
+    raise TrainError(f"--config.text_len_buckets={raw!r}: expected integers joined by commas, "
+                     "e.g. '16,24'") from None
+  if any(not 2 <= n < cfg.text_len for n in lens):
+    raise TrainError(f"--config.text_len_buckets={raw!r}: each length must be at least 2 and "
+                     f"below --config.text_len={cfg.text_len}")
+  return lens + [cfg.text_len]
 
 
 def _overrides(cfg) -> dict:
@@ -225,6 +242,7 @@ class Trainer:
                            "training")
     self.val = (load_data(self._data_path(cfg.val_data), self.tokenizer, cfg.text_len,
                           "validation") if cfg.val_data else None)
+    self._plan_batches()
     if self.val is not None and cfg.eval_decode:
       from paligemma_jax.eval import evaluators
       self.val_refs, self.val_masks = evaluators.read_references(self.val.path)
@@ -245,6 +263,28 @@ class Trainer:
                                    self.cfg.get("shapes_vae", ""))
     except (FileNotFoundError, ValueError) as e:
       raise TrainError(f"{path}: {e}") from None
+
+  def _plan_batches(self):
+    """With text_len_buckets, each example joins the shortest length that holds it and every
+    batch is drawn from one of them (`jsonl.bucketed_epoch`): short answers stop paying for
+    the longest one's padding."""
+    cfg = self.cfg
+    self.text_lens = text_lens(cfg)
+    self._epoch_plan = (None, None)
+    if len(self.text_lens) == 1:
+      return
+    self.buckets = jsonl.length_buckets(jsonl.text_widths(self.train.text), self.text_lens)
+    counts = np.bincount(self.buckets, minlength=len(self.text_lens))
+    self.batches_per_epoch = int((counts // cfg.batch_size).sum())
+    log("length buckets: " + ", ".join(
+        f"text_len {n}: {c:,} examples" for n, c in zip(self.text_lens, counts)))
+    if not self.batches_per_epoch:
+      raise TrainError(f"--config.text_len_buckets: no length holds a batch of "
+                       f"{cfg.batch_size} examples ({', '.join(map(str, counts))})")
+    idle = [n for n, c in zip(self.text_lens, counts) if 0 < c < cfg.batch_size]
+    if idle:
+      log(f"warning: text_len {', '.join(map(str, idle))} holds fewer examples than a batch: "
+          "they are never trained on; change --config.text_len_buckets")
 
   # -- parameters --------------------------------------------------------------------------
 
@@ -398,14 +438,24 @@ class Trainer:
 
   # -- batches ------------------------------------------------------------------------------
 
-  def _indices(self, step: int) -> np.ndarray:
-    return jsonl.batch_indices(len(self.train), self.cfg.seed, step * self.cfg.batch_size,
-                               self.cfg.batch_size)
+  def _indices(self, step: int) -> tuple:
+    """-> (the examples of step's batch, the text_len it is cut to)."""
+    cfg = self.cfg
+    if len(self.text_lens) == 1:
+      return (jsonl.batch_indices(len(self.train), cfg.seed, step * cfg.batch_size,
+                                  cfg.batch_size), cfg.text_len)
+    epoch, j = divmod(step, self.batches_per_epoch)
+    if self._epoch_plan[0] != epoch:
+      self._epoch_plan = (epoch, jsonl.bucketed_epoch(self.buckets, len(self.text_lens),
+                                                      cfg.batch_size, cfg.seed, epoch))
+    bucket, indices = self._epoch_plan[1][j]
+    return indices, self.text_lens[bucket]
 
-  def _host_batch(self, data: Dataset, indices, pixels: np.ndarray) -> dict:
-    t = data.text
-    return {"images": pixels, "tokens": t.tokens[indices], "mask_ar": t.mask_ar[indices],
-            "mask_loss": t.mask_loss[indices]}
+  def _host_batch(self, data: Dataset, indices, pixels: np.ndarray,
+                  text_len: Optional[int] = None) -> dict:
+    t, width = data.text, (text_len or self.cfg.text_len) + 1
+    return {"images": pixels, "tokens": t.tokens[indices, :width],
+            "mask_ar": t.mask_ar[indices, :width], "mask_loss": t.mask_loss[indices, :width]}
 
   def _device_batch(self, host: dict, shape_prefix: tuple) -> dict:
     """Host arrays (n, ...) -> device arrays shape_prefix + (...), batch axis over `data`."""
@@ -441,26 +491,25 @@ class Trainer:
     last = {}
     try:
       if self.step < cfg.total_steps:
-        idx = self._indices(self.step)
+        idx, text_len = self._indices(self.step)
         pixels.prefetch(self.step, paths(idx))
-        batch = self._device_batch(self._host_batch(self.train, idx, pixels.get(self.step)),
-                                   (accum, micro))
-        compiled = step_fn.lower(self.trainable, self.opt_state, self.frozen, batch,
-                                 jnp.int32(self.step), self.rng).compile()
-        self._report_size(compiled)
+        batch = self._device_batch(
+            self._host_batch(self.train, idx, pixels.get(self.step), text_len), (accum, micro))
+        compiled = self._compile(step_fn, batch)
         bar = _progress(self.step, cfg.total_steps, self.progress)
-        tokens_per_example = self.config.num_image_tokens + cfg.text_len
         while self.step < cfg.total_steps:
           t0 = time.perf_counter()
           if self.step + 1 < cfg.total_steps:
-            pixels.prefetch(self.step + 1, paths(self._indices(self.step + 1)))
-          self.trainable, self.opt_state, m = compiled(
+            pixels.prefetch(self.step + 1, paths(self._indices(self.step + 1)[0]))
+          width = batch["tokens"].shape[-1]
+          self.trainable, self.opt_state, m = compiled[width](
               self.trainable, self.opt_state, self.frozen, batch, jnp.int32(self.step), self.rng)
           self.step += 1
           if self.step < cfg.total_steps:  # while the step runs (dispatch is asynchronous)
-            idx = self._indices(self.step)
-            batch = self._device_batch(self._host_batch(self.train, idx, pixels.get(self.step)),
-                                       (accum, micro))
+            idx, text_len = self._indices(self.step)
+            batch = self._device_batch(
+                self._host_batch(self.train, idx, pixels.get(self.step), text_len),
+                (accum, micro))
           loss = float(m["loss"])
           if not math.isfinite(loss):
             raise TrainError(
@@ -470,7 +519,8 @@ class Trainer:
           dt = time.perf_counter() - t0
           last = {"step": self.step, "loss": loss, "lr": float(m["lr"]),
                   "grad_norm": float(m["grad_norm"]), "examples_per_s": cfg.batch_size / dt,
-                  "tokens_per_s": cfg.batch_size * tokens_per_example / dt}
+                  "tokens_per_s": cfg.batch_size * (self.config.num_image_tokens + width - 1)
+                                  / dt}
           done = self.step == cfg.total_steps
           if self.val is not None and (self.step % cfg.eval_steps == 0 or done):
             last["val_loss"] = self.validate(eval_fn, pixels)
@@ -490,6 +540,19 @@ class Trainer:
     finally:
       pixels.close()
     return last
+
+  def _compile(self, step_fn, batch: dict) -> dict:
+    """The step compiled for each text length a batch can have -> {positions: executable};
+    the memory report is the longest's."""
+    compiled = {}
+    for text_len in reversed(self.text_lens):
+      like = {k: v if k == "images" else jax.ShapeDtypeStruct(
+          v.shape[:-1] + (text_len + 1,), v.dtype, sharding=v.sharding) for k, v in batch.items()}
+      compiled[text_len + 1] = step_fn.lower(self.trainable, self.opt_state, self.frozen, like,
+                                             jnp.int32(self.step), self.rng).compile()
+      if len(compiled) == 1:
+        self._report_size(compiled[text_len + 1])
+    return compiled
 
   def validate(self, eval_fn, pixels) -> float:
     """Mean over the validation examples of big_vision's per-example loss."""
