@@ -15,7 +15,7 @@ SHIPPED = os.path.join(REPO, "checkpoints", "shapes")
 SHAPES_MODEL = os.path.join(SHIPPED, "model.npz")
 SHAPES_TOKENIZER = os.path.join(SHIPPED, "tokenizer.model")
 SHAPES_VAE = os.path.join(SHIPPED, "vae.npz")
-SCENE = os.path.join(REPO, "assets", "scene.png")  # a held-out scene (seed 2026, not trained on)
+SCENE = os.path.join(REPO, "assets", "scene.png")  # held out: seed 2026's fourth scene
 
 
 def shipped() -> bool:
