@@ -335,9 +335,12 @@ def test_damaged_orbax_directory_is_one_error_line(damage, orbax_dir, tmp_path, 
     os.truncate(data, data.stat().st_size // 2)
   else:
     (bad / "manifest.ocdbt").unlink()
-  r = run_main(f"--ckpt={bad}", f"--tokenizer={tokenizer.path}", home=home)
   needles = [bad, "damaged"] + (["manifest.ocdbt"] if damage == "manifest_missing" else ["array"])
-  assert_refused(r, *needles)
+  # A truncated array fails while other reads are in flight; they used to print 'Event loop is
+  # closed' tracebacks around the error in 4 of 12 runs (orbax_io now holds stderr): 3 runs.
+  for _ in range(3 if damage == "data_file_truncated" else 1):
+    r = run_main(f"--ckpt={bad}", f"--tokenizer={tokenizer.path}", home=home)
+    assert_refused(r, *needles)
 
 
 def test_mistyped_config_field_is_one_line_with_the_suggestion(home):

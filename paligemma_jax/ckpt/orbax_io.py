@@ -13,10 +13,13 @@
   as Google publishes it, the vision tower from a big_vision `.npz`, as big_vision's
   PaliGemma `model_init` combines them.
 """
+import gc
 import glob
 import os
 import re
+import sys
 import threading
+import time
 from typing import Mapping, Optional
 
 import jax
@@ -107,12 +110,47 @@ def _restore(path: str, restore_args_flat: Mapping[tuple, object]):
   """Restores exactly the leaves of `restore_args_flat` (tree path -> ArrayRestoreArgs)."""
   ocp = _ocp()
   restore_args = traverse_util.unflatten_dict(dict(restore_args_flat))
+  real, held, failure = sys.stderr, _Held(), None
+  sys.stderr = held
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
       tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   except Exception as e:  # tensorstore's errors, often in an ExceptionGroup
-    raise CheckpointError(f"{path}: {_read_failure(e)}") from e
+    failure = _read_failure(e)  # not chained: the error would keep the failed reads alive
+  finally:
+    if failure is not None:
+      held.wait_until_quiet()
+    sys.stderr = real
+  if failure is not None:
+    raise CheckpointError(f"{path}: {failure}")
+  real.write("".join(held.parts))
   return traverse_util.flatten_dict(tree)
+
+
+class _Held:
+  """sys.stderr during a restore. When a read fails, the reads still in flight finish on
+  tensorstore's threads and post to Orbax's event loop, by then closed, each printing an 'Event
+  loop is closed' traceback, before and after the error reaches us, and their coroutines, once
+  collected, print more. So what is written is held: written out after a success, dropped
+  after a failure once stderr has been quiet for a while and the garbage collected, and the
+  caller's error is the only one."""
+
+  def __init__(self):
+    self.parts, self.last = [], time.monotonic()
+
+  def write(self, text):
+    self.parts.append(text)
+    self.last = time.monotonic()
+    return len(text)
+
+  def flush(self):
+    pass
+
+  def wait_until_quiet(self, quiet_s: float = 0.3, limit_s: float = 3.0):
+    start = time.monotonic()
+    while time.monotonic() - self.last < quiet_s and time.monotonic() - start < limit_s:
+      time.sleep(0.02)
+    gc.collect()  # the failed reads' coroutines: 'Exception ignored in' when collected later
 
 
 _TS_READ = re.compile(r'Error reading "([^"]+?)(?:/[\d.]*)?" in [^:]*: (.*)')
