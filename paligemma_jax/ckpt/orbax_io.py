@@ -15,6 +15,7 @@
 """
 import gc
 import glob
+import logging
 import os
 import re
 import sys
@@ -111,7 +112,9 @@ def _restore(path: str, restore_args_flat: Mapping[tuple, object]):
   ocp = _ocp()
   restore_args = traverse_util.unflatten_dict(dict(restore_args_flat))
   real, held, failure = sys.stderr, _Held(), None
+  asyncio_log = logging.getLogger("asyncio")  # its handlers write to the real stderr
   sys.stderr = held
+  asyncio_log.addFilter(held)
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
       tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
@@ -121,22 +124,30 @@ def _restore(path: str, restore_args_flat: Mapping[tuple, object]):
     if failure is not None:
       held.wait_until_quiet()
     sys.stderr = real
+    asyncio_log.removeFilter(held)
   if failure is not None:
     raise CheckpointError(f"{path}: {failure}")
   real.write("".join(held.parts))
+  for record in held.records:
+    asyncio_log.handle(record)
   return traverse_util.flatten_dict(tree)
 
 
 class _Held:
-  """sys.stderr during a restore. When a read fails, the reads still in flight finish on
-  tensorstore's threads and post to Orbax's event loop, by then closed, each printing an 'Event
-  loop is closed' traceback, before and after the error reaches us, and their coroutines, once
-  collected, print more. So what is written is held: written out after a success, dropped
-  after a failure once stderr has been quiet for a while and the garbage collected, and the
-  caller's error is the only one."""
+  """sys.stderr (and a filter on asyncio's log) during a restore. When a read fails, the reads
+  still in flight finish on tensorstore's threads and post to Orbax's event loop, by then
+  closed, each printing an 'Event loop is closed' traceback, before and after the error reaches
+  us; their coroutines and tasks, once collected, print and log more. So all of it is held:
+  written out after a success, dropped after a failure once stderr has been quiet for a while
+  and the garbage collected, and the caller's error is the only one."""
 
   def __init__(self):
-    self.parts, self.last = [], time.monotonic()
+    self.parts, self.records, self.last = [], [], time.monotonic()
+
+  def filter(self, record) -> bool:  # asyncio's log ('Task exception was never retrieved')
+    self.records.append(record)
+    self.last = time.monotonic()
+    return False
 
   def write(self, text):
     self.parts.append(text)
