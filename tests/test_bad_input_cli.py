@@ -323,9 +323,9 @@ def orbax_dir(tmp_path_factory, ckpt_path):
                        checkpoint.load_npz(ckpt_path("pg1_mqa")).params)
 
 
-@pytest.mark.parametrize("damage", ["data_file_deleted", "data_file_truncated",
-                                    "manifest_missing"])
-def test_damaged_orbax_directory_is_one_error_line(damage, orbax_dir, tmp_path, home, tokenizer):
+def _damaged_copy(orbax_dir, tmp_path, damage: str):
+  """A copy of the Orbax checkpoint with its largest data file deleted or truncated, or its
+  manifest deleted."""
   bad = tmp_path / "ckpt"
   shutil.copytree(orbax_dir, bad)
   data = sorted((bad / "ocdbt.process_0" / "d").iterdir(), key=lambda p: -p.stat().st_size)[0]
@@ -335,6 +335,13 @@ def test_damaged_orbax_directory_is_one_error_line(damage, orbax_dir, tmp_path, 
     os.truncate(data, data.stat().st_size // 2)
   else:
     (bad / "manifest.ocdbt").unlink()
+  return bad
+
+
+@pytest.mark.parametrize("damage", ["data_file_deleted", "data_file_truncated",
+                                    "manifest_missing"])
+def test_damaged_orbax_directory_is_one_error_line(damage, orbax_dir, tmp_path, home, tokenizer):
+  bad = _damaged_copy(orbax_dir, tmp_path, damage)
   needles = [bad, "damaged"] + (["manifest.ocdbt"] if damage == "manifest_missing" else ["array"])
   # A truncated array fails while other reads are in flight; they used to print 'Event loop is
   # closed' tracebacks around the error in 4 of 12 runs (orbax_io now holds stderr): 3 runs.
@@ -360,10 +367,7 @@ def test_a_program_that_catches_a_failed_orbax_read_sees_only_the_error(orbax_di
   goes on. Before orbax_io held stderr and asyncio's log during a restore, tracebacks, 'Exception
   ignored in' and 'Task exception was never retrieved' came around and after the errors; now
   stderr holds the three error lines and nothing else (6 of 6 runs)."""
-  bad = tmp_path / "ckpt"
-  shutil.copytree(orbax_dir, bad)
-  data = sorted((bad / "ocdbt.process_0" / "d").iterdir(), key=lambda p: -p.stat().st_size)[0]
-  os.truncate(data, data.stat().st_size // 2)
+  bad = _damaged_copy(orbax_dir, tmp_path, "data_file_truncated")
   r = subprocess.run([sys.executable, "-c", _LOAD_THREE_TIMES, str(bad)], cwd=REPO,
                      capture_output=True, text=True, timeout=300)
   lines = [l for l in r.stderr.splitlines() if not l.startswith("I")]  # absl's info lines
